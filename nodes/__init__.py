@@ -1,0 +1,1 @@
+"""ComfyUI V3 node adapters: the only package that imports ComfyUI."""
