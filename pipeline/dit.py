@@ -67,6 +67,7 @@ class Attention(nn.Module):
         self.heads_q, self.heads_kv, self.head_dim = config.num_heads_q, config.num_heads_kv, dh
         self.gate_channels = config.gate_channels
         self.local = config.is_local(layer)
+        self.per_modality = e > 1
         self.pre_norm = ModalityRMSNorm(d, e, device)
         self.linear_qkv = linear_cls(d, config.qkv_width, num_experts=e, device=device)
         self.linear_proj = linear_cls(self.heads_q * dh, d, num_experts=e, device=device)
@@ -76,6 +77,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, splits: Splits, attend: StreamAttention) -> torch.Tensor:
         """x [S, D] fp32 -> attention output [S, D] bf16 (added to the residual by the caller)."""
         s, dh = x.shape[0], self.head_dim
+        splits = splits if self.per_modality else None  # the linear contract: None for one expert
         h = self.pre_norm(x, splits).to(torch.bfloat16)  # [S, D]
         qkv = self.linear_qkv(h, splits)  # [S, (Hq + 2Hkv)·Dh + G] bf16
         q, k, v, g = qkv.split(
@@ -95,7 +97,7 @@ class MLP(nn.Module):
     def __init__(self, config: DiTConfig, layer: int, linear_cls: Callable, device):
         super().__init__()
         e, d, inter = config.num_experts(layer), config.hidden_size, config.intermediate(layer)
-        self.intermediate = inter
+        self.intermediate, self.per_modality = inter, e > 1
         self.activation = gelu7 if config.is_gelu7(layer) else swiglu7
         self.pre_norm = ModalityRMSNorm(d, e, device)
         self.up_gate_proj = linear_cls(
@@ -105,6 +107,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, splits: Splits) -> torch.Tensor:
         """x [S, D] fp32 -> MLP output [S, D] bf16."""
+        splits = splits if self.per_modality else None
         u = self.up_gate_proj(self.pre_norm(x, splits).to(torch.bfloat16), splits)  # [S, up] bf16
         a = u.new_empty(u.shape[0], self.intermediate)  # [S, I] bf16
         for rows, out in zip(u.split(ACTIVATION_ROWS), a.split(ACTIVATION_ROWS), strict=True):

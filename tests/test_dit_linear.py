@@ -2,6 +2,10 @@
 
 import pytest
 import torch
+from conftest import FIXTURES
+from magihuman.fp8.checkpoint import Checkpoint
+from magihuman.pipeline.config import PRESETS
+from magihuman.pipeline.dit import MagiDiT
 from magihuman.pipeline.linear import Bf16Linear
 
 
@@ -50,3 +54,25 @@ def test_meta_construction_allocates_nothing():
     linear = Bf16Linear(5120, 27304, num_experts=3, device="meta")
     assert linear.weight.is_meta and linear.weight.shape == (81912, 5120)
     assert not linear.weight.requires_grad
+
+
+def test_the_dit_injects_its_block_linears_and_routes_by_modality():
+    """The DiT builds every block linear through ``linear_cls`` and calls it as the contract says: rows
+    grouped (video, audio, text) with their counts for per-modality layers, ``splits=None`` otherwise."""
+    calls = []
+
+    class RecordingLinear(Bf16Linear):
+        def forward(self, x, splits=None):
+            calls.append((self.num_experts, splits, x.shape[0]))
+            return super().forward(x, splits)
+
+    with Checkpoint(FIXTURES / "dit_tiny_weights") as ckpt:
+        state = {key: ckpt.load(key) for key in ckpt.keys()}
+    model = MagiDiT(PRESETS["tiny"], linear_cls=RecordingLinear, device="meta")
+    assert sum(isinstance(m, RecordingLinear) for m in model.modules()) == 24  # 6 layers x 4
+    model.load_state_dict(state, strict=True, assign=True)
+    model(torch.randn(1, 48, 2, 2, 4), torch.randn(1, 5, 64), torch.randn(1, 3, 3584))
+    assert len(calls) == 24
+    for experts, splits, rows in calls:
+        assert rows == 4 + 5 + 3
+        assert splits == ((4, 5, 3) if experts == 3 else None)
