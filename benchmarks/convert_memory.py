@@ -1,0 +1,77 @@
+"""Peak resident memory of ``cli.py convert`` on a large synthetic checkpoint (one MagiHuman sandwich
+layer)."""
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# One sandwich layer (3 per-modality experts) of the real DiT, split into shards like the published folders.
+SANDWICH_LAYER = {
+    "model-00001-of-00003.safetensors": {
+        "block.layers.36.attention.pre_norm.weight": (15360,),
+        "block.layers.36.attention.linear_qkv.weight": (21624, 5120),
+        "block.layers.36.attention.q_norm.weight": (384,),
+        "block.layers.36.attention.k_norm.weight": (384,),
+        "block.layers.36.attention.linear_proj.weight": (15360, 5120),
+    },
+    "model-00002-of-00003.safetensors": {
+        "block.layers.36.mlp.up_gate_proj.weight": (81912, 5120),  # the model's largest tensor
+    },
+    "model-00003-of-00003.safetensors": {
+        "block.layers.36.mlp.pre_norm.weight": (15360,),
+        "block.layers.36.mlp.down_proj.weight": (15360, 13652),
+    },
+}
+
+
+def write_synthetic_checkpoint(folder: Path, scale: float, dtype: torch.dtype) -> int:
+    """Random weights (std 0.02) with the matrices' row counts times ``scale``; returns the largest tensor's
+    size in bytes. Writes an index like the published folders."""
+    generator = torch.Generator().manual_seed(0)
+    weight_map, largest = {}, 0
+    folder.mkdir(parents=True)
+    for shard, shapes in SANDWICH_LAYER.items():
+        tensors = {}
+        for key, shape in shapes.items():
+            if len(shape) == 2:  # rows stay a multiple of 3 experts x 16
+                shape = (max(48, round(shape[0] * scale / 48) * 48), shape[1])
+            tensors[key] = torch.randn(shape, generator=generator, dtype=torch.float32).mul_(0.02).to(dtype)
+            largest = max(largest, tensors[key].nbytes)
+            weight_map[key] = shard
+        save_file(tensors, folder / shard)
+        del tensors
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return largest
+
+
+def bench_convert_memory(workdir: Path, scale: float, dtype: torch.dtype, cli: Path) -> str:
+    """Run the converter in a child process and report its peak RSS against 3 x largest tensor + one shard."""
+    source, output = workdir / "source", workdir / "fp8"
+    largest = write_synthetic_checkpoint(source, scale, dtype)
+    command = [sys.executable, str(cli), "convert", "--input", str(source), "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"convert failed:\n{done.stderr}")
+    # ru_maxrss is in KiB on Linux and in bytes on macOS; it counts the child's resident file pages too.
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    shard = max(p.stat().st_size for p in output.glob("*.safetensors"))
+    source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    bound = 3 * largest + shard
+    summary = [line for line in done.stdout.splitlines() if not line.startswith("block.")]
+    return "\n".join(
+        [
+            "",
+            f"converter peak RSS on a synthetic sandwich layer ({source_bytes / 1e9:.2f} GB of {dtype}, "
+            f"row scale {scale}):",
+            *(f"  {line}" for line in summary),
+            f"  largest tensor {largest / 1e9:.3f} GB, largest output shard {shard / 1e9:.3f} GB",
+            f"  peak RSS {peak / 1e9:.3f} GB; bound 3 x largest + one output shard = {bound / 1e9:.3f} GB "
+            f"({'within' if peak <= bound else 'OVER'} bound)",
+        ]
+    )
