@@ -2,9 +2,9 @@
 layer)."""
 
 import json
-import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +27,21 @@ SANDWICH_LAYER = {
         "block.layers.36.mlp.down_proj.weight": (15360, 13652),
     },
 }
+
+
+# Runs cli.py in the child and prints the child's own peak RSS (VmHWM, Linux). getrusage would not do: the
+# kernel folds the parent's peak into a vforked child's maxrss at exec. VmHWM includes resident file pages.
+PEAK_RSS_WRAPPER = """
+import atexit, runpy, sys
+
+def report():
+    status = open("/proc/self/status").read()
+    print("VmHWM" + status.split("VmHWM:")[1].split("kB")[0], file=sys.stderr)
+
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def write_synthetic_checkpoint(folder: Path, scale: float, dtype: torch.dtype) -> int:
@@ -54,22 +69,34 @@ def bench_convert_memory(workdir: Path, scale: float, dtype: torch.dtype, cli: P
     """Run the converter in a child process and report its peak RSS against 3 x largest tensor + one shard."""
     source, output = workdir / "source", workdir / "fp8"
     largest = write_synthetic_checkpoint(source, scale, dtype)
-    command = [sys.executable, str(cli), "convert", "--input", str(source), "--output", str(output)]
+    command = [
+        sys.executable,
+        "-c",
+        PEAK_RSS_WRAPPER,
+        str(cli),
+        "convert",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+    ]
+    start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"convert failed:\n{done.stderr}")
-    # ru_maxrss is in KiB on Linux and in bytes on macOS; it counts the child's resident file pages too.
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = int(done.stderr.rsplit("VmHWM", 1)[1].split()[0]) * 1024
     shard = max(p.stat().st_size for p in output.glob("*.safetensors"))
     source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     bound = 3 * largest + shard
-    summary = [line for line in done.stdout.splitlines() if not line.startswith("block.")]
+    summary = [line for line in done.stdout.splitlines() if not line.startswith(("block.", "wrote "))]
     return "\n".join(
         [
             "",
             f"converter peak RSS on a synthetic sandwich layer ({source_bytes / 1e9:.2f} GB of {dtype}, "
             f"row scale {scale}):",
             *(f"  {line}" for line in summary),
+            f"  converter wall time {seconds:.1f} s (process start included)",
             f"  largest tensor {largest / 1e9:.3f} GB, largest output shard {shard / 1e9:.3f} GB",
             f"  peak RSS {peak / 1e9:.3f} GB; bound 3 x largest + one output shard = {bound / 1e9:.3f} GB "
             f"({'within' if peak <= bound else 'OVER'} bound)",

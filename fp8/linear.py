@@ -249,7 +249,8 @@ class Fp8Linear(nn.Module):
             scale_b=scale_b,
             out_dtype=torch.bfloat16,
             use_fast_accum=self.fast_accum,
-        )[:, :n]  # [tokens, N]
+        )
+        y = (y[0] if isinstance(y, tuple) else y)[:, :n]  # [tokens, N]; torch 2.4 returned (out, amax)
         bias = self._bias(expert)
         return y if bias is None else y + bias.to(torch.bfloat16)
 
