@@ -146,10 +146,10 @@ class Fp8Reader:
         num_experts: int = 1,
     ) -> Fp8Weight:
         """An FP8 weight with its scale, on ``device``. Stored FP8 weights come as stored (``scales`` is then
-        ignored: their granularity is fixed); high-precision 2-D weights are quantized while loading."""
+        ignored: their granularity is fixed); high-precision weights are quantized while loading."""
         if key not in self._scales:
             info = self.info(key)
-            if len(info.shape) != 2 or not info.dtype.is_floating_point:
+            if len(info.shape) < 2 or not info.dtype.is_floating_point:
                 raise FormatError(
                     f"{info.file}: '{key}' is {info.dtype} {list(info.shape)}, not a weight matrix"
                 )
