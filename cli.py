@@ -108,7 +108,7 @@ def _add_bench(subparsers) -> None:
         description="Benchmarks (not tests). fp8: FP8 linear vs bf16 linear at the DiT's GEMM shapes (time, "
         "TFLOP/s, speed-up), then the converter's peak RSS on a large synthetic checkpoint.",
     )
-    parser.add_argument("target", choices=("fp8",), help="what to measure")
+    parser.add_argument("target", choices=sorted(BENCH_TARGETS), help="what to measure")
     parser.add_argument(
         "--device", default="auto", help="cuda, cpu or auto (cuda when available). Default: auto"
     )
@@ -116,38 +116,44 @@ def _add_bench(subparsers) -> None:
         "--tokens",
         default=None,
         metavar="M,M,...",
-        help="token counts M (GEMM rows). Default: 3700,14500,65000 on GPU, 256 on CPU",
+        help="fp8: token counts M (GEMM rows). Default: 3700,14500,65000 on GPU, 256 on CPU",
     )
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed runs per case (median). Default: 10 GPU, 2 CPU"
+        "--repeats", type=int, default=None, help="fp8: timed runs per case (median). Default: 10 GPU, 2 CPU"
     )
     parser.add_argument(
         "--convert-scale",
         type=float,
         default=1.0,
         metavar="F",
-        help="synthetic checkpoint for the memory test: one MagiHuman sandwich layer (3 experts; largest "
-        "tensor 81912x5120) with its row counts times F. Default: 1.0; 0 skips the memory test",
+        help="fp8: synthetic checkpoint for the memory test: one MagiHuman sandwich layer (3 experts; "
+        "largest tensor 81912x5120) with its row counts times F. Default: 1.0; 0 skips the memory test",
     )
     parser.add_argument(
         "--convert-dtype",
         choices=("fp32", "bf16"),
         default="fp32",
-        help="synthetic checkpoint dtype (default fp32)",
+        help="fp8: synthetic checkpoint dtype (default fp32)",
     )
     parser.set_defaults(run=_run_bench)
 
 
 def _run_bench(args) -> int:
+    import torch
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    return BENCH_TARGETS[args.target](args, device)
+
+
+def _bench_fp8(args, device) -> int:
     import tempfile
 
     import torch
     from magihuman.benchmarks.convert_memory import bench_convert_memory
     from magihuman.benchmarks.fp8_linear import bench_fp8_linear, format_linear_results
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
     on_gpu = device.type == "cuda"
     tokens = [int(t) for t in (args.tokens or ("3700,14500,65000" if on_gpu else "256")).split(",")]
     repeats = args.repeats or (10 if on_gpu else 2)
@@ -157,6 +163,9 @@ def _run_bench(args) -> int:
         with tempfile.TemporaryDirectory(prefix="magihuman-bench-") as workdir:
             print(bench_convert_memory(Path(workdir), args.convert_scale, dtype, Path(__file__).resolve()))
     return 0
+
+
+BENCH_TARGETS = {"fp8": _bench_fp8}
 
 
 def build_parser() -> argparse.ArgumentParser:
