@@ -6,13 +6,173 @@ Subcommands are declared here and implemented in the package; the package is rea
 
 import argparse
 import sys
+from pathlib import Path
 
 import _bootstrap
 
 
+def _add_convert(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert an FP32/BF16 checkpoint to FP8",
+        description=(
+            "Convert an FP32/BF16 safetensors checkpoint (a sharded folder with "
+            "model.safetensors.index.json, or a single file) to FP8 (float8_e4m3fn), streaming tensor by "
+            "tensor. Quantized: tensors with 2+ dims, at least --min-elements elements and no 'norm', "
+            "'bands', 'bias' or 'embedder' in their name (on the MagiHuman DiT: exactly the 160 block "
+            "GEMMs); everything else is stored in bf16. Prints the mean relative error "
+            "mean|q*s - W| / mean|W| of every quantized tensor."
+        ),
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help="checkpoint folder (sharded or one file) or .safetensors file",
+    )
+    parser.add_argument(
+        "--output", required=True, type=Path, help="new or empty folder for the FP8 checkpoint"
+    )
+    parser.add_argument(
+        "--min-elements",
+        type=int,
+        default=1 << 20,
+        metavar="N",
+        help="smallest tensor (in elements) to quantize (default: 1048576 = 2^20, as published)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("published", "comfy"),
+        default="published",
+        help="published: the shard names of the input, '<key>.__fp8_scale' scales and an index with "
+        "metadata.quantization (as SanDiegoDude/daVinci-MagiHuman-FP8); comfy: one file in ComfyUI v0.29 "
+        "naming ('<module>.weight_scale', _quantization_metadata in its header). Default: published",
+    )
+    parser.add_argument(
+        "--scales",
+        choices=("tensor", "expert", "row"),
+        default="tensor",
+        help="tensor: one scale per weight (as published); expert: one per modality expert of the stacked "
+        "sandwich-layer weights; row: one per output row (most precise; needs --format published). "
+        "Default: tensor",
+    )
+    parser.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from magihuman.fp8.convert import ConvertOptions, convert_checkpoint
+    from tqdm import tqdm
+
+    try:
+        options = ConvertOptions(args.min_elements, args.format, args.scales)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="converting") as bar:
+
+        def on_tensor(report, done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+            if report.relative_error is not None:
+                shape = "x".join(map(str, report.shape))
+                bar.write(f"{report.key}  [{shape}]  rel_err {report.relative_error:.2%}")
+
+        try:
+            result = convert_checkpoint(args.input, args.output, options, on_tensor)
+        except ValueError as e:  # CheckpointError and bad tensors: the message names the file and key
+            bar.close()
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    quantized = result.quantized
+    source = sum(t.source_bytes for t in result.tensors)
+    stored = sum(t.stored_bytes for t in result.tensors)
+    worst = max(quantized, key=lambda t: t.relative_error, default=None)
+    print(
+        f"quantized {len(quantized)} tensors, kept {len(result.tensors) - len(quantized)} (bf16 or as stored)"
+    )
+    print(f"tensor data {source / 1e9:.3f} GB -> {stored / 1e9:.3f} GB")
+    if worst is not None:
+        print(
+            f"mean relative error {result.mean_relative_error:.2%} "
+            f"(worst {worst.relative_error:.2%}: {worst.key})"
+        )
+    for path in result.files:
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_bench(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure speed and memory",
+        description="Benchmarks (not tests). fp8: FP8 linear vs bf16 linear at the DiT's GEMM shapes (time, "
+        "TFLOP/s, speed-up), then the converter's peak RSS on a large synthetic checkpoint.",
+    )
+    parser.add_argument("target", choices=sorted(BENCH_TARGETS), help="what to measure")
+    parser.add_argument(
+        "--device", default="auto", help="cuda, cpu or auto (cuda when available). Default: auto"
+    )
+    parser.add_argument(
+        "--tokens",
+        default=None,
+        metavar="M,M,...",
+        help="fp8: token counts M (GEMM rows). Default: 3700,14500,65000 on GPU, 256 on CPU",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="fp8: timed runs per case (median). Default: 10 GPU, 2 CPU"
+    )
+    parser.add_argument(
+        "--convert-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="fp8: synthetic checkpoint for the memory test: one MagiHuman sandwich layer (3 experts; "
+        "largest tensor 81912x5120) with its row counts times F. Default: 1.0; 0 skips the memory test",
+    )
+    parser.add_argument(
+        "--convert-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp8: synthetic checkpoint dtype (default fp32)",
+    )
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    import torch
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    return BENCH_TARGETS[args.target](args, device)
+
+
+def _bench_fp8(args, device) -> int:
+    import tempfile
+
+    import torch
+    from magihuman.benchmarks.convert_memory import bench_convert_memory
+    from magihuman.benchmarks.fp8_linear import bench_fp8_linear, format_linear_results
+
+    on_gpu = device.type == "cuda"
+    tokens = [int(t) for t in (args.tokens or ("3700,14500,65000" if on_gpu else "256")).split(",")]
+    repeats = args.repeats or (10 if on_gpu else 2)
+    print(format_linear_results(bench_fp8_linear(device, tokens, repeats), device))
+    if args.convert_scale > 0:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.convert_dtype]
+        with tempfile.TemporaryDirectory(prefix="magihuman-bench-") as workdir:
+            print(bench_convert_memory(Path(workdir), args.convert_scale, dtype, Path(__file__).resolve()))
+    return 0
+
+
+BENCH_TARGETS = {"fp8": _bench_fp8}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python cli.py", description=__doc__.splitlines()[0])
-    parser.add_subparsers(dest="command", required=True, metavar="<subcommand>")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="<subcommand>")
+    _add_convert(subparsers)
+    _add_bench(subparsers)
     return parser
 
 
