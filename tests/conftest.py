@@ -17,6 +17,14 @@ _spec.loader.exec_module(_bootstrap)
 _bootstrap.load()
 
 
+def load_tensors(path) -> dict:
+    """Every tensor of a safetensors file or checkpoint folder, as stored."""
+    from magihuman.fp8.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(path)
+    return {key: checkpoint.load(key) for key in checkpoint.keys()}
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, load_tensors
 from magihuman.fp8.checkpoint import Checkpoint, CheckpointError
 from magihuman.fp8.convert import ConvertOptions, convert_checkpoint, magihuman_experts
 from magihuman.fp8.formats import Convention, Fp8Reader
@@ -66,13 +66,13 @@ QUANTIZED = {
 
 
 def test_converter_reproduces_the_published_files_byte_for_byte(tmp_path):
-    probes = load_file(GOLDEN / "probes.safetensors")
+    originals = load_tensors(FIXTURES / "dit_tiny_weights")
     down, norm = "block.layers.2.mlp.down_proj.weight", "block.layers.2.mlp.pre_norm.weight"
-    source = {down: probes["source." + down], norm: probes["source." + norm]}  # bf16 and fp32 originals
+    source = {down: originals[down], norm: originals[norm]}  # bf16 and fp32 originals
     save_file(source, tmp_path / "source.safetensors")
     convert_checkpoint(tmp_path / "source.safetensors", tmp_path / "out", ConvertOptions(min_elements=0))
     converted = load_file(tmp_path / "out" / "source.safetensors")
-    published = load_file(GOLDEN / "published_subset.safetensors")
+    published = load_tensors(GOLDEN / "checkpoint")
     assert set(converted) == {down, down + ".__fp8_scale", norm}
     for key, tensor in converted.items():
         assert tensor.dtype == published[key].dtype and tensor.shape == published[key].shape
@@ -230,7 +230,7 @@ def test_bad_inputs_fail_naming_the_file_and_leave_no_output(tmp_path, case, mes
 
 def test_refuses_fp8_inputs_and_occupied_outputs(tmp_path):
     with pytest.raises(CheckpointError, match="already FP8 \\(published convention\\)"):
-        convert_checkpoint(GOLDEN / "published_subset.safetensors", tmp_path / "out")
+        convert_checkpoint(GOLDEN / "checkpoint", tmp_path / "out")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     save_file({"w": quantize(torch.randn(4, 4)).dequantize()}, tmp_path / "plain.safetensors")

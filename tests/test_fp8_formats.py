@@ -5,11 +5,11 @@ import logging
 
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, load_tensors
 from magihuman.fp8.checkpoint import Checkpoint
 from magihuman.fp8.formats import Convention, FormatError, Fp8Reader
 from magihuman.fp8.quantize import FP8_DTYPE, Fp8Weight, Granularity, quantize
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 QKV = "block.layers.0.attention.linear_qkv.weight"
 DOWN = "block.layers.2.mlp.down_proj.weight"
@@ -18,7 +18,7 @@ NORM = "block.layers.2.mlp.pre_norm.weight"
 
 def reference_weights() -> dict[str, Fp8Weight]:
     """Two FP8 weights as the published converter made them (from the golden tiny checkpoint)."""
-    published = load_file(FIXTURES / "dit_tiny_fp8" / "published_subset.safetensors")
+    published = load_tensors(FIXTURES / "dit_tiny_fp8" / "checkpoint")
     return {key: Fp8Weight(published[key], published[key + ".__fp8_scale"]) for key in (QKV, DOWN)}
 
 
@@ -113,10 +113,10 @@ def test_every_convention_gives_the_same_effective_weights(tmp_path):
             assert loaded.scale.shape == () and torch.equal(loaded.scale, weights[DOWN].scale)
 
 
-def test_published_golden_subset_reads_as_published():
-    reader = Fp8Reader(Checkpoint(FIXTURES / "dit_tiny_fp8" / "published_subset.safetensors"))
+def test_published_golden_checkpoint_reads_as_published():
+    reader = Fp8Reader(Checkpoint(FIXTURES / "dit_tiny_fp8" / "checkpoint"))
     assert reader.convention is Convention.PUBLISHED and reader.granularities == {Granularity.TENSOR}
-    assert len(reader.fp8_keys()) == 3 and not reader.is_fp8(NORM)
+    assert len(reader.fp8_keys()) == 24 and not reader.is_fp8(NORM)  # 6 layers x 4 block linears
     up = reader.load_fp8("block.layers.2.mlp.up_gate_proj.weight")
     assert up.shape == (680, 128) and up.scale.dtype == torch.float32
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, load_tensors
 from magihuman.fp8.capability import choose_path, supports_fp8_matmul
 from magihuman.fp8.linear import Fp8Linear
 from magihuman.fp8.quantize import Fp8Weight, Granularity, quantize, sqnr_db
@@ -19,7 +19,7 @@ PROBES = [
 
 
 def golden(module: str) -> Fp8Weight:
-    published = load_file(GOLDEN / "published_subset.safetensors")
+    published = load_tensors(GOLDEN / "checkpoint")
     return Fp8Weight(published[module + ".weight"], published[module + ".weight.__fp8_scale"])
 
 
@@ -39,7 +39,7 @@ def random_case(tokens: int, n: int, k: int, seed: int = 0):
 
 @pytest.mark.parametrize("module, probe, splits, experts", PROBES)
 def test_fp8_matmul_path_matches_the_published_runtime(module, probe, splits, experts):
-    probes = load_file(GOLDEN / "probes.safetensors")
+    probes = load_file(GOLDEN / "tensors.safetensors")
     layer = Fp8Linear.from_fp8(golden(module), experts, mode="fp8-matmul")
     y = layer(probes[probe + ".in"], splits)
     # Same recipe as the recorded run (dynamic per-tensor activation scale per expert group, torch 2.13 CPU
@@ -50,7 +50,7 @@ def test_fp8_matmul_path_matches_the_published_runtime(module, probe, splits, ex
 
 @pytest.mark.parametrize("module, probe, splits, experts", PROBES)
 def test_dequantize_path_computes_the_same_function(module, probe, splits, experts):
-    probes = load_file(GOLDEN / "probes.safetensors")
+    probes = load_file(GOLDEN / "tensors.safetensors")
     y = Fp8Linear.from_fp8(golden(module), experts, mode="dequantize")(probes[probe + ".in"], splits)
     # The recorded run also rounded activations to e4m3 (~31.5 dB of noise); the dequantize path does not.
     assert sqnr_db(probes[probe + ".out"], y) > 30.0

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, load_tensors
 from magihuman.fp8.quantize import (
     FP8_DTYPE,
     Fp8Weight,
@@ -16,7 +16,6 @@ from magihuman.fp8.quantize import (
     should_quantize,
     sqnr_db,
 )
-from safetensors.torch import load_file
 
 GOLDEN = FIXTURES / "dit_tiny_fp8"
 
@@ -68,8 +67,8 @@ def test_selection_rule_picks_exactly_the_160_block_gemms():
 
 
 def test_quantize_reproduces_the_published_conversion_bit_for_bit():
-    source = load_file(GOLDEN / "probes.safetensors")["source.block.layers.2.mlp.down_proj.weight"]  # bf16
-    published = load_file(GOLDEN / "published_subset.safetensors")
+    source = load_tensors(FIXTURES / "dit_tiny_weights")["block.layers.2.mlp.down_proj.weight"]  # bf16
+    published = load_tensors(GOLDEN / "checkpoint")
     key = "block.layers.2.mlp.down_proj.weight"
     fp8 = quantize(source, name=key)
     assert fp8.scale.shape == () and fp8.scale.item() == published[key + ".__fp8_scale"].item()
