@@ -1,0 +1,134 @@
+"""Loading a MagiHuman DiT from any published layout: a sharded folder or one file, FP8 in any convention the
+FP8 reader knows, or the BF16/FP32 originals. The model is built on the meta device and every tensor streams
+from its memory-mapped file straight to its final dtype and device; one strict ``load_state_dict`` ends it.
+"""
+
+import functools
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..fp8.capability import AUTO, DEQUANTIZE, FP8_MATMUL
+from ..fp8.checkpoint import Checkpoint, CheckpointError
+from ..fp8.formats import Fp8Reader
+from ..fp8.linear import Fp8Linear
+from ..fp8.quantize import Granularity
+from .attention import make_attention
+from .config import VARIANTS, DiTConfig
+from .dit import MagiDiT
+from .linear import Bf16Linear
+
+log = logging.getLogger(__name__)
+
+BF16 = "bf16"
+COMPUTE_MODES = (AUTO, FP8_MATMUL, DEQUANTIZE, BF16)
+BLOCK_LINEAR = re.compile(
+    r"block\.layers\.\d+\.(attention\.linear_qkv|attention\.linear_proj|mlp\.up_gate_proj|mlp\.down_proj)\.weight"
+)
+# Folder/file-name hints of each variant, tried in this order ("1080p_sr_fp8", "distill_fp8", ...).
+VARIANT_HINTS = (("sr_1080p", "1080"), ("sr_540p", "540"), ("distill", "distill"), ("base", "base"))
+
+
+def detect_variant(path: str | Path) -> str:
+    """The DiT variant named by a checkpoint's file or folder name (e.g. ``540p_sr_fp8/`` -> ``sr_540p``)."""
+    name = Path(path).name.lower()
+    for variant, hint in VARIANT_HINTS:
+        if hint in name:
+            return variant
+    raise CheckpointError(
+        f"{path}: cannot tell which DiT this is from its name; choose the variant explicitly "
+        f"({', '.join(VARIANTS)}), or keep the published folder names (distill_fp8, base_fp8, 540p_sr_fp8, "
+        "1080p_sr_fp8)"
+    )
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What was loaded and how: for logs, the node's status text and benchmarks."""
+
+    path: Path
+    variant: str
+    convention: str  # published / comfy / comfy-legacy / plain
+    linear: str  # e.g. "Fp8Linear(fp8-matmul)" or "Bf16Linear"
+    bytes_read: int
+    seconds: float
+
+
+def _linear_class(compute: str, stored_fp8: bool, granularity: Granularity):
+    """The block-linear class for a compute mode, and the granularity used when quantizing while loading."""
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"compute must be one of {', '.join(COMPUTE_MODES)}; got {compute!r}")
+    if compute == BF16 or (compute == AUTO and not stored_fp8):
+        return Bf16Linear, None
+    return functools.partial(Fp8Linear, mode=compute), granularity
+
+
+def load_dit(
+    path: str | Path,
+    variant: str | None = None,
+    compute: str = AUTO,
+    device: torch.device | str = "cpu",
+    attention: str = "sdpa",
+    quantize_scales: Granularity = Granularity.TENSOR,
+) -> tuple[MagiDiT, LoadReport]:
+    """Load a DiT checkpoint for inference.
+
+    ``compute``: ``auto`` keeps the stored precision (FP8 files -> FP8 linears whose matmul path suits the
+    device; BF16/FP32 files -> bf16 linears); ``fp8-matmul`` / ``dequantize`` force FP8 linears with that
+    path (BF16/FP32 files are quantized while loading, with ``quantize_scales`` granularity); ``bf16`` runs
+    bf16 linears (FP8 files are dequantized while loading). ``variant`` is taken from the name when omitted.
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    variant = variant or detect_variant(path)
+    checkpoint = Checkpoint(path)
+    reader = Fp8Reader(checkpoint)
+    shapes = {key: reader.info(key).shape for key in reader.keys()}
+    try:
+        config = DiTConfig.from_shapes(shapes, variant)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    unexpected = sorted(set(shapes) - set(config.expected_shapes()))
+    if unexpected:
+        file = reader.info(unexpected[0]).file
+        raise CheckpointError(f"{file}: unexpected tensor '{unexpected[0]}' for a MagiHuman DiT")
+    stored_fp8 = bool(reader.fp8_keys())
+    if compute == AUTO and reader.full_precision_matmul:
+        compute = DEQUANTIZE  # the file asks for its FP8 weights to be multiplied in high precision
+    linear_cls, granularity = _linear_class(compute, stored_fp8, quantize_scales)
+    model = MagiDiT(config, linear_cls=linear_cls, attention=make_attention(attention), device="meta")
+    expected = model.state_dict(keep_vars=True)
+
+    state, bytes_read = {}, 0
+    for file in checkpoint.files:
+        for key in (k for k in reader.keys() if reader.info(k).file == file):
+            bytes_read += reader.info(key).nbytes
+            if BLOCK_LINEAR.fullmatch(key) and granularity is not None:
+                experts = config.num_experts(int(key.split(".")[2]))
+                weight = reader.load_fp8(key, device, granularity, num_experts=experts)
+                state.update(weight.state_dict(key.removesuffix("weight")))
+            else:
+                state[key] = reader.load(key, device, expected[key].dtype)
+        checkpoint.release(file)  # tensors already on the target device no longer need this file's pages
+    model.load_state_dict(state, strict=True, assign=True)
+    report = LoadReport(
+        path=path,
+        variant=variant,
+        convention=reader.convention.value,
+        linear=f"Fp8Linear({compute})" if granularity is not None else "Bf16Linear",
+        bytes_read=bytes_read,
+        seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "loaded %s DiT from %s (%s, %s) in %.1fs",
+        variant,
+        path,
+        report.convention,
+        report.linear,
+        report.seconds,
+    )
+    return model.eval(), report
