@@ -106,7 +106,10 @@ def _add_bench(subparsers) -> None:
         "bench",
         help="measure speed and memory",
         description="Benchmarks (not tests). fp8: FP8 linear vs bf16 linear at the DiT's GEMM shapes (time, "
-        "TFLOP/s, speed-up), then the converter's peak RSS on a large synthetic checkpoint.",
+        "TFLOP/s, speed-up), then the converter's peak RSS on a large synthetic checkpoint. dit: one DiT "
+        "forward (FP8 vs bf16 block linears; step time, weights and peak memory) at the token counts of "
+        "5-second clips at 256p, 540p and 1080p; the full 15.3B model with random weights on a GPU, a "
+        "reduced-width stand-in on CPU.",
     )
     parser.add_argument("target", choices=sorted(BENCH_TARGETS), help="what to measure")
     parser.add_argument(
@@ -119,7 +122,16 @@ def _add_bench(subparsers) -> None:
         help="fp8: token counts M (GEMM rows). Default: 3700,14500,65000 on GPU, 256 on CPU",
     )
     parser.add_argument(
-        "--repeats", type=int, default=None, help="fp8: timed runs per case (median). Default: 10 GPU, 2 CPU"
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per case (median). Default: fp8 10 GPU / 2 CPU; dit 5 GPU / 1 CPU",
+    )
+    parser.add_argument(
+        "--clips",
+        default="256p,540p,1080p",
+        metavar="NAME,...",
+        help="dit: which clip sizes to run (256p, 540p, 1080p). Default: all three",
     )
     parser.add_argument(
         "--convert-scale",
@@ -165,7 +177,16 @@ def _bench_fp8(args, device) -> int:
     return 0
 
 
-BENCH_TARGETS = {"fp8": _bench_fp8}
+def _bench_dit(args, device) -> int:
+    from magihuman.benchmarks.dit_forward import bench_dit_forward, format_forward_results
+
+    repeats = args.repeats or (5 if device.type == "cuda" else 1)
+    clips = args.clips.split(",")
+    print(format_forward_results(bench_dit_forward(device, clips, repeats), device))
+    return 0
+
+
+BENCH_TARGETS = {"fp8": _bench_fp8, "dit": _bench_dit}
 
 
 def build_parser() -> argparse.ArgumentParser:
