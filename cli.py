@@ -189,11 +189,91 @@ def _bench_dit(args, device) -> int:
 BENCH_TARGETS = {"fp8": _bench_fp8, "dit": _bench_dit}
 
 
+def _default_models_dir() -> Path | None:
+    """ComfyUI's models folder when this pack sits in ComfyUI/custom_nodes/<pack>."""
+    candidate = Path(__file__).resolve().parent.parent.parent / "models"
+    return candidate if candidate.is_dir() else None
+
+
+def _add_download(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "download",
+        help="fetch model files from Hugging Face into ComfyUI's models folders",
+        description="Download exactly the model files a setup needs into the right ComfyUI models folders "
+        "(diffusion_models, vae, text_encoders), resuming partial downloads. A size summary is printed "
+        "first. Gated repositories (T5-Gemma, Stable Audio Open) need their terms accepted on "
+        "huggingface.co and a token (--token or HF_TOKEN).",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=_default_models_dir(),
+        help="ComfyUI's models folder. Default: ../../models when this pack is in ComfyUI/custom_nodes",
+    )
+    parser.add_argument(
+        "--workflow",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="everything an example workflow needs (t2v_distill, i2v_distill, t2v_base, base_sr_540p, "
+        "distill_sr_1080p, lipsync_distill); repeatable",
+    )
+    parser.add_argument(
+        "--dit", action="append", default=[], choices=("distill", "base"), help="a base-stage DiT (FP8)"
+    )
+    parser.add_argument(
+        "--sr", action="append", default=[], choices=("540p", "1080p"), help="a super-resolution DiT (FP8)"
+    )
+    parser.add_argument(
+        "--files",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="catalogue entries by name: dit_distill, dit_base, dit_sr_540p, dit_sr_1080p, turbo_vae, "
+        "wan_vae, audio_vae, text_encoder",
+    )
+    parser.add_argument("--all", action="store_true", help="every file in the catalogue (about 100 GB)")
+    parser.add_argument("--token", default=None, help="Hugging Face token for gated repositories")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and sizes, download nothing")
+    parser.set_defaults(run=_run_download)
+
+
+def _run_download(args) -> int:
+    from magihuman.pipeline.download import DownloadError, fetch, files_for, plan, resolve
+
+    if args.models_dir is None:
+        print(
+            "error: --models-dir is required (this pack is not inside ComfyUI/custom_nodes)", file=sys.stderr
+        )
+        return 2
+    try:
+        names = files_for(args.dit, args.sr, args.workflow, args.files, args.all)
+        if not names:
+            print("error: nothing chosen: give --workflow, --dit, --sr, --files or --all", file=sys.stderr)
+            return 2
+        downloads = plan(names, args.models_dir)
+        resolved = [(d, *resolve(d, args.token)) for d in downloads]
+        print(f"{'file':<14}{'repository':<38}{'into':<52}{'size':>10}")
+        for download, _, size in resolved:
+            target = str(download.target)
+            print(f"{download.file.name:<14}{download.file.repo:<38}{target:<52}{size / 1e9:>8.2f} GB")
+        print(f"total {sum(size for *_, size in resolved) / 1e9:.2f} GB")
+        if args.dry_run:
+            return 0
+        for download, files, _ in resolved:
+            print(f"fetching {download.file.description} into {fetch(download, files, args.token)}")
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python cli.py", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<subcommand>")
     _add_convert(subparsers)
     _add_bench(subparsers)
+    _add_download(subparsers)
     return parser
 
 
