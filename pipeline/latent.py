@@ -1,0 +1,46 @@
+"""The MagiHuman latent: video and audio latents travelling together with what later stages need to know."""
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .sizes import FPS, SPATIAL
+
+
+@dataclass(frozen=True)
+class MagiLatent:
+    """One generated clip in latent space.
+
+    video: [1, 48, F, h, w] fp32 in Wan2.2-normalised space (F = latent frames, h, w = pixels / 16).
+    audio: [1, A, 64] fp32 raw Stable Audio Open latents, A = 25·seconds + 1 (25 Hz).
+    stage: "base" (coordinates v2) or "sr" (a super-resolution result, coordinates v1).
+    user_audio: the audio is the user's driving audio, encoded, never generated.
+    """
+
+    video: torch.Tensor
+    audio: torch.Tensor
+    seconds: float
+    stage: str = "base"
+    user_audio: bool = False
+    fps: int = FPS
+
+    def __post_init__(self):
+        if self.video.ndim != 5 or self.audio.ndim != 3:
+            raise ValueError(
+                f"MagiLatent needs video [1,48,F,h,w] and audio [1,A,64]; got {list(self.video.shape)} and "
+                f"{list(self.audio.shape)}"
+            )
+
+    @property
+    def width(self) -> int:
+        return self.video.shape[-1] * SPATIAL
+
+    @property
+    def height(self) -> int:
+        return self.video.shape[-2] * SPATIAL
+
+    def with_video(self, video: torch.Tensor, stage: str) -> "MagiLatent":
+        return replace(self, video=video, stage=stage)
+
+    def to(self, device: torch.device | str) -> "MagiLatent":
+        return replace(self, video=self.video.to(device), audio=self.audio.to(device))
