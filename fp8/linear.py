@@ -120,6 +120,12 @@ class Fp8Linear(nn.Module):
             self.path = choose_path(self.mode, device)
             self.compute_dtype = dequantize_compute_dtype(device)
 
+    def compute_on(self, device: torch.device | str) -> None:
+        """Run on ``device`` while the weights are stored elsewhere (block swap keeps them in CPU memory and
+        brings them in per call): resolve the matmul path for the compute device."""
+        self.path = choose_path(self.mode, device)
+        self.compute_dtype = dequantize_compute_dtype(device)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         tensors = {"weight": self.weight, "weight_scale": self.weight_scale, "bias": self.bias}
         for name, tensor in tensors.items():

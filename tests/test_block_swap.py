@@ -1,0 +1,61 @@
+"""Block swap keeps layers off the compute device between calls and changes nothing in the results."""
+
+import pytest
+import torch
+from conftest import FIXTURES
+from magihuman.pipeline.block_swap import BlockSwap
+from magihuman.pipeline.loading import load_dit
+from safetensors.torch import load_file
+
+
+@pytest.fixture(scope="module")
+def sample():
+    golden = load_file(FIXTURES / "dit_tiny_v2" / "tensors.safetensors")
+    return golden["input.video_latent"], golden["input.audio_latent"], golden["input.text_embedding"]
+
+
+@pytest.mark.parametrize(
+    "path, compute",
+    [(FIXTURES / "dit_tiny_weights", "auto"), (FIXTURES / "dit_tiny_fp8" / "checkpoint", "dequantize")],
+)
+@pytest.mark.parametrize("count", [1, 3, 6])
+def test_outputs_do_not_change(sample, path, compute, count):
+    model, _ = load_dit(path, "base", compute=compute)
+    reference = model(*sample)
+    stored = {
+        name: tensor for name, tensor in model.state_dict().items() if name.startswith("block.layers.5.")
+    }
+    swap = BlockSwap(model, count, device="cpu")
+    swapped = model(*sample)
+    for a, b in zip(reference, swapped, strict=True):
+        assert torch.equal(a, b)
+    # Between calls the swapped layers hold their offloaded tensors again, not the per-call copies.
+    for name, tensor in model.state_dict().items():
+        if name in stored:
+            assert torch.equal(tensor, stored[name])
+    owners = [entry[:2] for entry in swap.stored[-1]]
+    assert all(
+        getattr(owner, name) is entry[3] for (owner, name), entry in zip(owners, swap.stored[-1], strict=True)
+    )
+    assert not swap.ready  # no copy is left behind
+    swap.remove()
+    again = model(*sample)
+    assert torch.equal(again[0], reference[0])
+
+
+def test_count_is_checked():
+    model, _ = load_dit(FIXTURES / "dit_tiny_weights", "base")
+    for count in (0, 7):
+        with pytest.raises(ValueError, match="from 1 to 6 layers"):
+            BlockSwap(model, count, device="cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_swap_matches_resident_model(sample):
+    resident, _ = load_dit(FIXTURES / "dit_tiny_fp8" / "checkpoint", "base", device="cuda")
+    swapped, _ = load_dit(FIXTURES / "dit_tiny_fp8" / "checkpoint", "base", device="cuda")
+    BlockSwap(swapped, 4, device="cuda")
+    inputs = [t.cuda() for t in sample]
+    for a, b in zip(resident(*inputs), swapped(*inputs), strict=True):
+        assert torch.equal(a, b)
+    assert swapped.block.layers[5].mlp.down_proj.weight_padded.device.type == "cpu"
