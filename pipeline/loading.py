@@ -18,6 +18,7 @@ from ..fp8.formats import Fp8Reader
 from ..fp8.linear import Fp8Linear
 from ..fp8.quantize import Granularity
 from .attention import make_attention
+from .block_swap import BlockSwap
 from .config import VARIANTS, DiTConfig
 from .dit import MagiDiT
 from .linear import Bf16Linear
@@ -74,6 +75,7 @@ def load_dit(
     device: torch.device | str = "cpu",
     attention: str = "sdpa",
     quantize_scales: Granularity = Granularity.TENSOR,
+    swap_layers: int = 0,
 ) -> tuple[MagiDiT, LoadReport]:
     """Load a DiT checkpoint for inference.
 
@@ -81,6 +83,8 @@ def load_dit(
     device; BF16/FP32 files -> bf16 linears); ``fp8-matmul`` / ``dequantize`` force FP8 linears with that
     path (BF16/FP32 files are quantized while loading, with ``quantize_scales`` granularity); ``bf16`` runs
     bf16 linears (FP8 files are dequantized while loading). ``variant`` is taken from the name when omitted.
+    ``swap_layers``: keep that many of the last layers in CPU memory and stream them in per forward
+    (:class:`~.block_swap.BlockSwap`); they are loaded to the CPU directly, so the device never holds them.
     """
     start = time.perf_counter()
     path = Path(path)
@@ -103,18 +107,22 @@ def load_dit(
     model = MagiDiT(config, linear_cls=linear_cls, attention=make_attention(attention), device="meta")
     expected = model.state_dict(keep_vars=True)
 
+    swapped = {f"block.layers.{i}." for i in range(config.num_layers - swap_layers, config.num_layers)}
     state, bytes_read = {}, 0
     for file in checkpoint.files:
         for key in (k for k in reader.keys() if reader.info(k).file == file):
             bytes_read += reader.info(key).nbytes
+            target = "cpu" if swap_layers and key.startswith(tuple(swapped)) else device
             if BLOCK_LINEAR.fullmatch(key) and granularity is not None:
                 experts = config.num_experts(int(key.split(".")[2]))
-                weight = reader.load_fp8(key, device, granularity, num_experts=experts)
+                weight = reader.load_fp8(key, target, granularity, num_experts=experts)
                 state.update(weight.state_dict(key.removesuffix("weight")))
             else:
-                state[key] = reader.load(key, device, expected[key].dtype)
+                state[key] = reader.load(key, target, expected[key].dtype)
         checkpoint.release(file)  # tensors already on the target device no longer need this file's pages
     model.load_state_dict(state, strict=True, assign=True)
+    if swap_layers:
+        model.block_swap = BlockSwap(model, swap_layers, device)
     report = LoadReport(
         path=path,
         variant=variant,

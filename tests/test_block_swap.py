@@ -43,6 +43,14 @@ def test_outputs_do_not_change(sample, path, compute, count):
     assert torch.equal(again[0], reference[0])
 
 
+def test_loader_places_swapped_layers_in_cpu_memory_directly(sample):
+    reference = load_dit(FIXTURES / "dit_tiny_weights", "base")[0](*sample)
+    model, _ = load_dit(FIXTURES / "dit_tiny_weights", "base", swap_layers=2)
+    assert len(model.block_swap.layers) == 2 and model.block_swap.layers[0] is model.block.layers[4]
+    for a, b in zip(reference, model(*sample), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_count_is_checked():
     model, _ = load_dit(FIXTURES / "dit_tiny_weights", "base")
     for count in (0, 7):
