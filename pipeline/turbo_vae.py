@@ -1,0 +1,267 @@
+"""The Turbo VAE decoder: a light decoder for the Wan2.2 latent space (16x spatial, 4x temporal), built from
+its JSON config and run over the latent frames in overlapping windows. Module names follow the checkpoint keys
+(``decoder.conv_in.conv.weight``, ``decoder.up_blocks.0.upsamplers.0.time_conv.conv.weight``, ...)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fp8.checkpoint import Checkpoint, CheckpointError
+from .torch_files import assign_weights, load_torch_file
+from .wan_stats import denormalize
+
+
+def rms_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalise over channels (dim 1) with a float32 variance; no affine weight; dtype kept."""
+    variance = x.float().pow(2).mean(1, keepdim=True)
+    return (x * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+class Conv3d(nn.Module):
+    """Conv3d, zero padded in space and replicate padded in time (non-causal: the edge frame repeats)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int, int]):
+        super().__init__()
+        kt, kh, kw = (kernel,) * 3 if isinstance(kernel, int) else kernel
+        self.pad_t = (kt - 1) // 2
+        self.conv = nn.Conv3d(cin, cout, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_t:
+            first, last = x[:, :, :1], x[:, :, -1:]
+            x = torch.cat(
+                [first.expand(-1, -1, self.pad_t, -1, -1), x, last.expand(-1, -1, self.pad_t, -1, -1)], 2
+            )
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    """norm → act → conv → norm → SiLU → conv, plus a (normalised) 1x1x1 shortcut when the width changes. The
+    first activation is ReLU in blocks right after an upsampler, SiLU elsewhere."""
+
+    def __init__(self, cin: int, cout: int, eps: float, relu_first: bool = False):
+        super().__init__()
+        self.first_act = F.relu if relu_first else F.silu
+        self.eps = eps
+        self.conv1 = Conv3d(cin, cout, 3)
+        self.conv2 = Conv3d(cout, cout, 3)
+        self.conv_shortcut = Conv3d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.first_act(rms_channels(x, 1e-8)))
+        h = self.conv2(F.silu(rms_channels(h, 1e-8)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(rms_channels(x, self.eps))
+        return h + x
+
+
+class NearestUp2x(nn.Module):
+    """2x nearest-exact spatial upsampling of [N, C, H, W], computed in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
+
+
+class Upsample(nn.Module):
+    """Spatial 2x per frame; with ``temporal``, first 2x in time by a (3,1,1) conv whose two channel halves
+    become two frames (the very first frame of a clip is causal: dropped)."""
+
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.time_conv = Conv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
+        self.resample = nn.Sequential(NearestUp2x(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        if self.time_conv is not None:
+            x = self.time_conv(x).view(b, 2, c, t, h, w)  # channel = half·C + c
+            x = x.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)  # frame = 2t + half
+            if first_chunk:
+                x = x[:, :, 1:]
+        t = x.shape[2]
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # [B·T, C, H, W]
+        frames = self.resample(frames)  # [B·T, C, 2H, 2W]
+        return frames.view(b, t, c, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, layers: int, eps: float, scale: bool, spatial_only: bool):
+        super().__init__()
+        self.conv_in = ResBlock(cin, cout, eps) if cin != cout else None
+        self.upsamplers = nn.ModuleList([Upsample(cout, temporal=not spatial_only)]) if scale else None
+        self.resnets = nn.ModuleList(ResBlock(cout, cout, eps, relu_first=scale) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        if self.conv_in is not None:
+            x = self.conv_in(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, first_chunk)
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, layers: int, eps: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResBlock(channels, channels, eps) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x
+
+
+@dataclass(frozen=True)
+class TurboConfig:
+    """The fields of ``TurboV3-Wan22-TinyShallow_7_7.json`` this decoder uses (others must be neutral)."""
+
+    latent_channels: int = 48
+    block_out_channels: tuple[int, ...] = (64, 128, 256, 512)
+    layers_per_block: tuple[int, ...] = (2, 2, 2, 3, 3)
+    spatio_temporal_scaling: tuple[bool, ...] = (False, True, True, True)
+    spatio_only: tuple[bool, ...] = (False, True, False, False)
+    out_channels: int = 3
+    patch_size: int = 2
+    eps: float = 1e-6
+    first_chunk_size: int = 7
+    step_size: int = 7
+    temporal_compression: int = 4
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TurboConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read the Turbo VAE config ({e})") from None
+        unsupported = {
+            "decoder_is_dw_conv": any(raw.get("decoder_is_dw_conv", [])),
+            "decoder_causal": raw.get("decoder_causal", False),
+            "use_unpatchify": not raw.get("use_unpatchify", False),
+            "patch_size_t": raw.get("patch_size_t", 1) != 1,
+        }
+        bad = [name for name, is_bad in unsupported.items() if is_bad]
+        if bad:
+            raise CheckpointError(f"{path}: unsupported Turbo VAE options {bad} (only the TurboV3 layout is)")
+        return cls(
+            latent_channels=raw["latent_channels"],
+            block_out_channels=tuple(raw["decoder_block_out_channels"]),
+            layers_per_block=tuple(raw["decoder_layers_per_block"]),
+            spatio_temporal_scaling=tuple(raw["decoder_spatio_temporal_scaling"]),
+            spatio_only=tuple(raw["decoder_spatio_only"]),
+            out_channels=raw.get("out_channels", 3),
+            patch_size=raw.get("patch_size", 2),
+            eps=raw.get("resnet_norm_eps", 1e-6),
+            first_chunk_size=raw.get("first_chunk_size", 7),
+            step_size=raw.get("step_size", 7),
+            temporal_compression=raw.get("temporal_compression_ratio", 4),
+        )
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, c: TurboConfig):
+        super().__init__()
+        widths = c.block_out_channels[::-1]  # the config lists them encoder-first
+        layers, scaling, spatial = (
+            c.layers_per_block[::-1],
+            c.spatio_temporal_scaling[::-1],
+            c.spatio_only[::-1],
+        )
+        self.patch_size = c.patch_size
+        self.conv_in = Conv3d(c.latent_channels, widths[0], 3)
+        self.mid_block = MidBlock(widths[0], layers[0], c.eps)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(cin, cout, layers[i + 1], c.eps, scaling[i], spatial[i])
+            for i, (cin, cout) in enumerate(zip((widths[0],) + widths[:-1], widths, strict=True))
+        )
+        self.conv_out = Conv3d(widths[-1], c.out_channels * c.patch_size**2, 3)
+
+    def forward(self, z: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x, first_chunk)
+        x = self.conv_out(F.silu(rms_channels(x, 1e-8)))  # [B, C·p·p, T, H, W]
+        b, cpp, t, h, w = x.shape
+        p = self.patch_size
+        # channel index = c·p² + w_offset·p + h_offset (the Wan unpatchify convention)
+        x = x.view(b, cpp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 3, 6, 2)
+        return x.reshape(b, cpp // (p * p), t, h * p, w * p)
+
+
+class TurboVAEDecoder(nn.Module):
+    """``decode(latent [1,48,F,h,w]) -> video [1,3,4F−3,16h,16w]`` in [−1, 1] (not clamped)."""
+
+    def __init__(self, config: TurboConfig):
+        super().__init__()
+        self.config = config
+        self.decoder = Decoder3d(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.conv.weight.dtype
+
+    def decode(self, latent: torch.Tensor, offload_to: torch.device | str | None = None) -> torch.Tensor:
+        """Sliding-window decode: the first window is 7 latent frames plus one of right context, later ones
+        7 frames plus one of context on each side; the 4 pixel frames of each context latent are cut. The
+        clip is padded with its last frame to 7 + 7n latents first. ``offload_to`` collects finished windows
+        there (e.g. "cpu" at 1080p to bound GPU memory)."""
+        c = self.config
+        z = denormalize(latent.to(self.decoder.conv_in.conv.weight.device, self.dtype))
+        frames = z.shape[2]
+        pad = max(c.first_chunk_size - frames, 0)
+        if frames > c.first_chunk_size:
+            pad = -(frames - c.first_chunk_size) % c.step_size
+        if pad:
+            z = torch.cat([z, z[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
+        total, overlap = frames + pad, c.temporal_compression
+        keep = lambda x: x if offload_to is None else x.to(offload_to)  # noqa: E731
+        if total == c.first_chunk_size:
+            chunks = [keep(self.decoder(z, first_chunk=True))]
+        else:
+            chunks = [
+                keep(self.decoder(z[:, :, : c.first_chunk_size + 1], first_chunk=True)[:, :, :-overlap])
+            ]
+            for start in range(c.first_chunk_size, total, c.step_size):
+                last = start + c.step_size == total
+                window = z[:, :, start - 1 : start + c.step_size + (0 if last else 1)]
+                out = self.decoder(window, first_chunk=False)
+                chunks.append(keep(out[:, :, overlap:] if last else out[:, :, overlap:-overlap]))
+        video = torch.cat(chunks, dim=2)
+        return video[:, :, : video.shape[2] - pad * c.temporal_compression] if pad else video
+
+
+def turbo_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The decoder weights of a Turbo VAE checkpoint: ``ema_state_dict`` of the official ``.ckpt`` (read
+    safely), or a ``.safetensors`` with the same keys; ``module.`` prefixes are dropped and a missing
+    ``decoder.`` prefix added. The training-only feature-alignment heads are left out."""
+    if path.suffix == ".safetensors":
+        ckpt = Checkpoint(path)
+        state = {key: ckpt.load(key) for key in ckpt.keys()}
+    else:
+        raw = load_torch_file(path)
+        if not isinstance(raw, dict) or "ema_state_dict" not in raw:
+            found = sorted(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
+            raise CheckpointError(f"{path}: no 'ema_state_dict' in this checkpoint (found {found})")
+        state = raw["ema_state_dict"]
+    state = {key.removeprefix("module."): tensor for key, tensor in state.items()}
+    state = {key if key.startswith("decoder.") else "decoder." + key: tensor for key, tensor in state.items()}
+    return {key: tensor for key, tensor in state.items() if not key.startswith("decoder.aligned_")}
+
+
+def load_turbo_vae(
+    config_path: str | Path,
+    weights_path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> TurboVAEDecoder:
+    """Build the decoder from its JSON and load its weights strictly (names the first missing or unexpected
+    key)."""
+    weights_path = Path(weights_path)
+    model = TurboVAEDecoder(TurboConfig.from_json(config_path)).to(device="meta")
+    what = f"the Turbo VAE described by {Path(config_path).name}"
+    return assign_weights(model, turbo_state_dict(weights_path), weights_path, what, device, dtype)
