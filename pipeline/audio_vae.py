@@ -140,11 +140,10 @@ def fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return folded
 
 
-def load_audio_vae(
-    path: str | Path, device: torch.device | str = "cpu", config: OobleckConfig | None = None
-) -> OobleckVAE:
+def load_audio_vae(path: str | Path, device: torch.device | str = "cpu") -> OobleckVAE:
     """Load the audio VAE from the full ``stable-audio-open-1.0`` checkpoint (keys under
-    ``pretransform.model.``; everything else in it is skipped) or from a VAE-only file (ComfyUI's layout)."""
+    ``pretransform.model.``; everything else in it is skipped) or from a VAE-only file (ComfyUI's layout).
+    Widths are read from the weights."""
     path = Path(path)
     ckpt = Checkpoint(path)
     keys = ckpt.keys()
@@ -158,6 +157,12 @@ def load_audio_vae(
         )
     try:
         state = fold_weight_norm(state)
+        config = OobleckConfig(
+            channels=state["encoder.layers.0.weight"].shape[0],
+            latent_dim=state["decoder.layers.0.weight"].shape[1],
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}: not a Stable Audio Open VAE: tensor {e} is missing") from None
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     model = OobleckVAE(config).to(device="meta")

@@ -14,14 +14,15 @@ class MagiLatent:
     video: [1, 48, F, h, w] fp32 in Wan2.2-normalised space (F = latent frames, h, w = pixels / 16).
     audio: [1, A, 64] fp32 raw Stable Audio Open latents, A = 25·seconds + 1 (25 Hz).
     stage: "base" (coordinates v2) or "sr" (a super-resolution result, coordinates v1).
-    user_audio: the audio is the user's driving audio, encoded, never generated.
+    source_audio: the user's driving audio [1, 2, N] at 51.2 kHz when the clip was made from one (then
+        ``audio`` is its encoding, held fixed, and the clip's sound is this waveform itself).
     """
 
     video: torch.Tensor
     audio: torch.Tensor
     seconds: float
     stage: str = "base"
-    user_audio: bool = False
+    source_audio: torch.Tensor | None = None
     fps: int = FPS
 
     def __post_init__(self):
@@ -30,6 +31,10 @@ class MagiLatent:
                 f"MagiLatent needs video [1,48,F,h,w] and audio [1,A,64]; got {list(self.video.shape)} and "
                 f"{list(self.audio.shape)}"
             )
+
+    @property
+    def user_audio(self) -> bool:
+        return self.source_audio is not None
 
     @property
     def width(self) -> int:

@@ -361,13 +361,22 @@ def wan_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def config_from_shapes(state: dict[str, torch.Tensor], source: Path) -> WanVAEConfig:
+    """Widths read from the weights (the released VAE is dim 160 / dec_dim 256; test models are smaller)."""
+    try:
+        dim = state["encoder.conv1.weight"].shape[0]
+        dec_dim = state["decoder.conv1.weight"].shape[0] // WanVAEConfig.dim_mult[-1]
+        z_dim = state["conv2.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"{source}: not a Wan2.2 VAE checkpoint: tensor {e} is missing") from None
+    return WanVAEConfig(dim=dim, dec_dim=dec_dim, z_dim=z_dim)
+
+
 def load_wan_vae(
-    path: str | Path,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    config: WanVAEConfig | None = None,
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
 ) -> WanVAE:
     """Load the Wan2.2 VAE strictly (the error names the first missing/unexpected/mis-shaped key)."""
     path = Path(path)
-    model = WanVAE(config).to(device="meta")
-    return assign_weights(model, wan_state_dict(path), path, "a Wan2.2 VAE checkpoint", device, dtype)
+    state = wan_state_dict(path)
+    model = WanVAE(config_from_shapes(state, path)).to(device="meta")
+    return assign_weights(model, state, path, "a Wan2.2 VAE checkpoint", device, dtype)

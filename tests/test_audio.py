@@ -7,10 +7,9 @@ import torch
 from conftest import FIXTURES, load_tensors
 from magihuman.fp8.checkpoint import CheckpointError
 from magihuman.pipeline.audio_io import from_audio, resample, to_audio
-from magihuman.pipeline.audio_vae import OobleckConfig, load_audio_vae
+from magihuman.pipeline.audio_vae import load_audio_vae
 from safetensors.torch import load_file, save_file
 
-TINY = OobleckConfig(channels=4)
 WEIGHTS = FIXTURES / "oobleck_tiny" / "weights.safetensors"
 
 
@@ -21,7 +20,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def vae():
-    return load_audio_vae(WEIGHTS, config=TINY)
+    return load_audio_vae(WEIGHTS)
 
 
 def test_decode_and_deterministic_encode_match_the_official_run(golden, vae):
@@ -58,18 +57,18 @@ def test_full_checkpoint_comfy_layout_and_plain_weights_load_the_same(tmp_path, 
     latent = golden["decode.input_latent"]
     reference = vae.decode(latent)
     for name in ("model.safetensors", "stable_audio_vae.safetensors"):
-        assert torch.equal(load_audio_vae(tmp_path / name, config=TINY).decode(latent), reference), name
+        assert torch.equal(load_audio_vae(tmp_path / name).decode(latent), reference), name
 
 
 def test_wrong_files_name_the_file_and_key(tmp_path):
     save_file({"encoder.layers.0.weight": torch.zeros(1)}, tmp_path / "not_audio.safetensors")
     with pytest.raises(CheckpointError, match="not_audio.safetensors: not a Stable Audio Open VAE"):
-        load_audio_vae(tmp_path / "not_audio.safetensors", config=TINY)
+        load_audio_vae(tmp_path / "not_audio.safetensors")
     weights = load_tensors(WEIGHTS)
     del weights["decoder.layers.6.beta"]
     save_file(weights, tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointError, match="partial.safetensors: .*missing 'decoder.layers.6.beta'"):
-        load_audio_vae(tmp_path / "partial.safetensors", config=TINY)
+        load_audio_vae(tmp_path / "partial.safetensors")
 
 
 def test_output_audio_is_stereo_44k1_of_the_right_length(vae):

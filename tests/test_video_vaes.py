@@ -16,12 +16,11 @@ from magihuman.fp8.checkpoint import CheckpointError
 from magihuman.pipeline.frames import image_to_video_input, to_image, to_uint8
 from magihuman.pipeline.torch_files import load_torch_file
 from magihuman.pipeline.turbo_vae import load_turbo_vae
-from magihuman.pipeline.wan_vae import WanVAEConfig, decode_tiled, load_wan_vae
+from magihuman.pipeline.wan_vae import decode_tiled, load_wan_vae
 from safetensors.torch import load_file, save_file
 
 TURBO = FIXTURES / "turbo_vaed_tiny"
 WAN = FIXTURES / "wan22_vae_tiny"
-TINY_WAN = WanVAEConfig(dim=4, dec_dim=4)
 
 
 def rel_l2(a, b):
@@ -84,14 +83,14 @@ def test_turbo_reads_the_official_ckpt_layout_and_ignores_alignment_heads(tmp_pa
 
 
 def test_wan_encode_and_decode_match_the_official_run(wan_golden):
-    fp32 = load_wan_vae(WAN / "weights.safetensors", dtype=torch.float32, config=TINY_WAN)
+    fp32 = load_wan_vae(WAN / "weights.safetensors", dtype=torch.float32)
     for name, key in (("video", "encode_video_mu"), ("image", "encode_image_mu")):
         mu = fp32.encode(wan_golden[f"input.{name}"])
         torch.testing.assert_close(mu, wan_golden[f"output.{key}_fp32"], rtol=0, atol=1e-5)
     decoded = fp32.decode(wan_golden["input.latent"])  # causal per-latent-frame decode: 3 latents -> 9 frames
     assert decoded.shape == (1, 3, 9, 64, 64)
     torch.testing.assert_close(decoded, wan_golden["output.decode_fp32"], rtol=0, atol=5e-5)
-    bf16 = load_wan_vae(WAN / "weights.safetensors", dtype=torch.bfloat16, config=TINY_WAN)
+    bf16 = load_wan_vae(WAN / "weights.safetensors", dtype=torch.bfloat16)
     assert rel_l2(bf16.encode(wan_golden["input.video"]), wan_golden["output.encode_video_mu_bf16"]) < 0.04
     assert rel_l2(bf16.decode(wan_golden["input.latent"]), wan_golden["output.decode_bf16"]) < 0.04
 
@@ -102,7 +101,7 @@ def test_both_wan_layouts_load_the_same_weights(tmp_path, wan_golden):
     save_file(weights, tmp_path / "wan2.2_vae.safetensors")  # ComfyUI's repackaged file: same keys
     latent = wan_golden["input.latent"]
     outputs = [
-        load_wan_vae(tmp_path / name, dtype=torch.float32, config=TINY_WAN).decode(latent)
+        load_wan_vae(tmp_path / name, dtype=torch.float32).decode(latent)
         for name in ("Wan2.2_VAE.pth", "wan2.2_vae.safetensors")
     ]
     assert torch.equal(outputs[0], outputs[1])
@@ -147,7 +146,7 @@ def test_tiled_decode_blends_tiles_back_into_the_whole_frame():
 
 
 def test_tiled_wan_decode_keeps_shape_and_content():
-    model = load_wan_vae(WAN / "weights.safetensors", dtype=torch.float32, config=TINY_WAN)
+    model = load_wan_vae(WAN / "weights.safetensors", dtype=torch.float32)
     z = torch.randn(1, 48, 2, 12, 12, generator=torch.Generator().manual_seed(0))
     whole, tiled = model.decode(z), model.decode(z, tile=10)
     # The tiny random VAE sees far past a tile (and its middle block attends over the whole frame), so tiles
