@@ -268,12 +268,165 @@ def _run_download(args) -> int:
     return 0
 
 
+SR_SIZES = {"540p": (896, 512), "1080p": (1920, 1088)}
+
+
+def _progress():
+    """A tqdm bar per sampling stage (one step per model call round)."""
+    from tqdm import tqdm
+
+    bars = {}
+
+    def update(stage: str, step: int, total: int) -> None:
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, unit="step"))
+        bar.update(step - bar.n)
+        if step == total:
+            bar.close()
+
+    return update
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate a clip with real weights, without ComfyUI",
+        description="Text (and optionally a reference image and/or driving audio) to video with sound, "
+        "headless, through the same stages as the ComfyUI nodes. Models are taken from a ComfyUI models "
+        "folder (--models-dir, the layout `download` creates) or given by path. Writes <out>.mp4 (H.264 + "
+        "AAC stereo) and <out>.wav.",
+    )
+    parser.add_argument("--prompt", required=True, help="what happens, who says what, background sound")
+    parser.add_argument("--negative", default=None, help="negative prompt (default: the official one)")
+    parser.add_argument("--image", type=Path, default=None, help="reference image for the first frame")
+    parser.add_argument("--audio", type=Path, default=None, help="driving audio: the clip lip-syncs to it")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length in seconds, 25 fps (default 4)")
+    parser.add_argument("--width", type=int, default=448, help="base width, multiple of 32 (default 448)")
+    parser.add_argument("--height", type=int, default=256, help="base height, multiple of 32 (default 256)")
+    parser.add_argument(
+        "--mode", choices=("distill", "base"), default="distill",
+        help="distill: 8 steps, no guidance (fast); base: 32 steps with guidance (default distill)",
+    )  # fmt: skip
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 8 / 32)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    parser.add_argument(
+        "--sr", default=None, metavar="540p|1080p|WxH", help="super-resolve to 896x512, 1920x1088 or WxH"
+    )
+    parser.add_argument(
+        "--decoder", choices=("turbo", "wan", "both"), default="turbo",
+        help="video decoder: the fast Turbo VAE (default), the Wan2.2 VAE, or both (writes <out>_wan.mp4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compute", choices=("auto", "fp8-matmul", "dequantize", "bf16"), default="auto",
+        help="DiT linear layers: auto = FP8 tensor cores where the GPU has them, else dequantize",
+    )  # fmt: skip
+    parser.add_argument(
+        "--swap-layers", type=int, default=0, metavar="N",
+        help="keep N DiT layers in CPU memory and stream them in (for GPUs under 24 GB; slower)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    parser.add_argument(
+        "--models-dir", type=Path, default=_default_models_dir(), help="ComfyUI models folder"
+    )
+    for name in ("dit", "sr-dit", "text-encoder", "audio-vae", "turbo-vae", "wan-vae"):
+        parser.add_argument(
+            f"--{name}", type=Path, default=None, help=f"path of the {name.replace('-', ' ')}"
+        )
+    parser.add_argument("--out", type=Path, default=Path("output/magihuman"), help="output path prefix")
+    parser.set_defaults(run=_run_generate)
+
+
+def _sr_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    if text in SR_SIZES:
+        return SR_SIZES[text]
+    width, _, height = text.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise ValueError(f"--sr must be 540p, 1080p or WIDTHxHEIGHT, got {text!r}")
+    return int(width), int(height)
+
+
+def _run_generate(args) -> int:
+    import torch
+    from magihuman.fp8.checkpoint import CheckpointError
+    from magihuman.pipeline.runner import ModelPaths, Request, run
+    from magihuman.pipeline.text_encoder import NEGATIVE_PROMPT
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        request = Request(
+            args.prompt, args.seconds, args.width, args.height, args.mode, args.seed, args.steps,
+            args.negative or NEGATIVE_PROMPT, _sr_size(args.sr), args.image, args.audio, args.decoder,
+            args.compute, args.swap_layers,
+        )  # fmt: skip
+        given = {
+            k: getattr(args, k)
+            for k in ("dit", "sr_dit", "text_encoder", "audio_vae", "turbo_vae", "wan_vae")
+        }
+        if args.models_dir is None and (given["dit"] is None or given["text_encoder"] is None):
+            raise ValueError("give --models-dir (a ComfyUI models folder) or every model path")
+        paths = ModelPaths.from_models_dir(args.models_dir or Path("."), args.mode, args.sr and "x", **given)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        written = run(paths, request, args.out, device, _progress())
+    except (ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the whole pipeline on a tiny random-weight model (no download)",
+        description="Builds a tiny random-weight MagiHuman stack (FP8 DiT and SR DiT, Turbo and Wan2.2 VAEs, "
+        "audio VAE, T5-Gemma text encoder) in the real on-disk layouts, loads it through the real loaders, "
+        "runs the distilled sampler, a super-resolution pass and both video decoders, and writes mp4 + wav. "
+        "It proves the machinery, not the art: the weights are random, so the picture and sound are noise.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for the results")
+    parser.add_argument("--seconds", type=float, default=2.0, help="clip length (default 2)")
+    parser.add_argument("--size", type=int, default=128, help="base width and height (default 128)")
+    parser.add_argument("--keep-models", action="store_true", help="keep the demo models in <out>/models")
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    import tempfile
+    import time
+
+    from magihuman.pipeline.demo import PROMPT, build_models, describe_models
+    from magihuman.pipeline.runner import ModelPaths, Request, run
+
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="magihuman-demo-") as scratch:
+        models_dir = args.out / "models" if args.keep_models else Path(scratch)
+        print("building the tiny random-weight models ...")
+        build_models(models_dir)
+        print(describe_models(models_dir))
+        request = Request(
+            PROMPT, args.seconds, args.size, args.size, sr_size=(2 * args.size, 2 * args.size), decoder="both"
+        )
+        paths = ModelPaths.from_models_dir(models_dir, "distill", "540p")
+        written = run(paths, request, args.out / "magihuman_demo", "cpu", _progress())
+    for path in written:
+        print(f"wrote {path}")
+    print(
+        f"demo finished in {time.perf_counter() - start:.0f} s (random weights: picture and sound are noise)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python cli.py", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<subcommand>")
     _add_convert(subparsers)
     _add_bench(subparsers)
     _add_download(subparsers)
+    _add_generate(subparsers)
+    _add_demo(subparsers)
     return parser
 
 

@@ -295,6 +295,20 @@ _TINY = DiTConfig(
     swiglu7_intermediate=swiglu7_width(128),
 )
 
+# The command-line demo's random model: 4 layers of width 256, big enough that the published FP8 selection
+# rule (with a lowered size threshold) picks exactly the block linears, as it does on the real model.
+_DEMO = DiTConfig(
+    num_layers=4,
+    hidden_size=256,
+    head_dim=64,
+    num_heads_q=4,
+    num_heads_kv=2,
+    mm_layers=(0, 3),
+    gelu7_layers=(0,),
+    gelu7_intermediate=4 * 256,
+    swiglu7_intermediate=swiglu7_width(256),
+)
+
 PRESET_VARIANTS = {
     "base": "base",
     "distill": "distill",
@@ -302,8 +316,11 @@ PRESET_VARIANTS = {
     "sr_1080p": "sr_1080p",
     "tiny": "base",
     "tiny_sr_1080p": "sr_1080p",
+    "demo": "distill",
+    "demo_sr": "sr_540p",
 }
+_ARCHITECTURES = {"tiny": _TINY, "demo": _DEMO}
 PRESETS: dict[str, DiTConfig] = {
-    name: (_TINY if name.startswith("tiny") else _FULL).with_variant(variant)
+    name: _ARCHITECTURES.get(name.split("_")[0], _FULL).with_variant(variant)
     for name, variant in PRESET_VARIANTS.items()
 }

@@ -129,7 +129,8 @@ def decode(
     latent: MagiLatent, video_decoder, audio_vae: OobleckVAE | None, **decode_options
 ) -> tuple[torch.Tensor, dict]:
     """(IMAGE [T, H, W, 3] in 0..1, AUDIO {"waveform": [1, 2, N], "sample_rate": 44100}). The sound is the
-    driving audio itself when the clip was made from one, otherwise the decoded audio latent."""
+    driving audio itself when the clip was made from one, otherwise the decoded audio latent; it is cut to
+    the video's duration (the latents carry up to 3 frames more audio than the decoders give pictures)."""
     frames = to_image(video_decoder.decode(latent.video, **decode_options)).cpu()
     if latent.source_audio is not None:
         sound = to_audio(latent.source_audio)
@@ -137,4 +138,5 @@ def decode(
         raise ValueError("decoding the sound needs the audio VAE")
     else:
         sound = to_audio(audio_vae.decode(latent.audio), SAMPLE_RATE)
-    return frames, sound
+    samples = round(frames.shape[0] / latent.fps * sound["sample_rate"])
+    return frames, {"waveform": sound["waveform"][..., :samples], "sample_rate": sound["sample_rate"]}

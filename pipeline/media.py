@@ -47,3 +47,31 @@ def write_wav(path: str | Path, audio: dict) -> Path:
         out.setframerate(int(audio["sample_rate"]))
         out.writeframes(pcm.tobytes())
     return path
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """A picture file (png, jpg, webp, ...) as IMAGE [1, H, W, 3] in 0..1."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0))
+    except (av.error.FFmpegError, StopIteration, OSError) as e:
+        raise ValueError(f"{path}: cannot read this image ({e})") from None
+    return torch.from_numpy(frame.to_ndarray(format="rgb24")).float().div(255).unsqueeze(0)
+
+
+def read_audio(path: str | Path) -> dict:
+    """A sound file (wav, mp3, flac, m4a, ...) as AUDIO {"waveform": [1, C, N], "sample_rate": rate}."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.audio[0]
+            chunks = [frame.to_ndarray(format="fltp") for frame in container.decode(stream)]
+            rate = stream.rate
+    except (av.error.FFmpegError, IndexError, OSError) as e:
+        raise ValueError(f"{path}: cannot read audio from this file ({e})") from None
+    if not chunks:
+        raise ValueError(f"{path}: the audio stream is empty")
+    return {"waveform": torch.from_numpy(np.concatenate(chunks, axis=1)).unsqueeze(0), "sample_rate": rate}

@@ -253,6 +253,21 @@ def turbo_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {key: tensor for key, tensor in state.items() if not key.startswith("decoder.aligned_")}
 
 
+def turbo_files(folder: str | Path) -> tuple[Path, Path]:
+    """(JSON config, weights) in a Turbo VAE folder such as the published ``turbo_vae/``; a converted
+    ``.safetensors`` is preferred over the ``.ckpt``."""
+    folder = Path(folder)
+    configs = sorted(folder.glob("*.json"))
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.ckpt"))
+    if len(configs) != 1 or len(weights) != 1:
+        raise CheckpointError(
+            f"{folder}: a Turbo VAE folder holds one .json config and one .ckpt (or .safetensors) file, e.g. "
+            f"TurboV3-Wan22-TinyShallow_7_7.json and checkpoint-340000.ckpt; found "
+            f"{[p.name for p in configs + weights] or 'neither'}"
+        )
+    return configs[0], weights[0]
+
+
 def load_turbo_vae(
     config_path: str | Path,
     weights_path: str | Path,

@@ -1,0 +1,163 @@
+"""A whole generation without ComfyUI (``python cli.py generate`` and ``demo``): find the models, load each
+when its stage comes and release it after, run the same stage functions as the nodes, write mp4 and wav."""
+
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..fp8.checkpoint import CheckpointError
+from .audio_vae import load_audio_vae
+from .generate import decode, driving_audio, generate_base, generate_sr, reference_latent
+from .loading import load_dit
+from .media import read_audio, read_image, write_mp4, write_wav
+from .model_files import MODEL_FILES, missing_file_message
+from .precision import vae_dtype
+from .sampling import Guidance, Hooks
+from .sizes import clip_size
+from .text_encoder import NEGATIVE_PROMPT, load_text_encoder
+from .turbo_vae import load_turbo_vae, turbo_files
+from .wan_vae import load_wan_vae
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """Where each model is. ``from_models_dir`` fills them from a ComfyUI models folder."""
+
+    dit: Path
+    text_encoder: Path
+    audio_vae: Path
+    turbo_vae: Path | None = None
+    wan_vae: Path | None = None
+    sr_dit: Path | None = None
+
+    @classmethod
+    def from_models_dir(
+        cls, models_dir: Path, mode: str, sr: str | None, **given: Path | None
+    ) -> "ModelPaths":
+        names = {
+            "dit": f"dit_{mode}",
+            "text_encoder": "text_encoder",
+            "audio_vae": "audio_vae",
+            "turbo_vae": "turbo_vae",
+            "wan_vae": "wan_vae",
+            "sr_dit": f"dit_sr_{sr}" if sr else None,
+        }
+        paths = {}
+        for field, name in names.items():
+            if given.get(field) is not None:
+                paths[field] = Path(given[field])
+            elif name is not None:
+                entry = MODEL_FILES[name]
+                candidate = models_dir / entry.folder / entry.path.rstrip("/")
+                paths[field] = candidate if candidate.exists() else None
+        for field in ("dit", "text_encoder", "audio_vae") + (("sr_dit",) if sr else ()):
+            if paths.get(field) is None:
+                folder = models_dir / MODEL_FILES[names[field]].folder
+                raise CheckpointError(missing_file_message(names[field], [str(folder)]))
+        return cls(**paths)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    seconds: float = 4.0
+    width: int = 448
+    height: int = 256
+    mode: str = "distill"
+    seed: int = 42
+    steps: int | None = None
+    negative: str = NEGATIVE_PROMPT
+    sr_size: tuple[int, int] | None = None
+    image: Path | None = None
+    audio: Path | None = None
+    decoder: str = "turbo"  # turbo, wan or both
+    compute: str = "auto"
+    swap_layers: int = 0
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def _free(*models) -> None:
+    del models
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(
+    paths: ModelPaths, request: Request, output: Path, device: str = "cpu", progress: Progress | None = None
+):
+    """Generate one clip; returns the files written (``<output>.mp4``, ``<output>.wav``, and
+    ``<output>_wan.mp4`` when both decoders are asked for)."""
+    size = clip_size(request.seconds, request.width, request.height)  # bad sizes fail before any loading
+    if request.decoder in ("wan", "both") or request.image is not None:
+        if paths.wan_vae is None:
+            raise CheckpointError(missing_file_message("wan_vae", []))
+    if request.decoder in ("turbo", "both") and paths.turbo_vae is None:
+        raise CheckpointError(missing_file_message("turbo_vae", []))
+
+    def hooks(stage: str) -> Hooks:
+        return Hooks(on_step=lambda i, n, *_: progress(stage, i, n)) if progress else Hooks()
+
+    def done(stage: str) -> None:  # one-step stages (loading, encoding, decoding)
+        if progress:
+            progress(stage, 1, 1)
+
+    encoder = load_text_encoder(paths.text_encoder, device)
+    text = encoder.encode(request.prompt)
+    negative = encoder.encode(request.negative) if request.mode == "base" or request.sr_size else None
+    _free(encoder)
+    done("text encoding")
+
+    dtype = vae_dtype(device)
+    wan = (
+        load_wan_vae(paths.wan_vae, device, dtype)
+        if paths.wan_vae is not None and request.image is not None
+        else None
+    )
+    image = None if request.image is None else read_image(request.image)
+    image_latent = None if image is None else reference_latent(wan, image, size.width, size.height)
+    audio_vae = load_audio_vae(paths.audio_vae, device)
+    sound = None if request.audio is None else driving_audio(audio_vae, read_audio(request.audio), size)
+
+    dit, _ = load_dit(paths.dit, compute=request.compute, device=device, swap_layers=request.swap_layers)
+    latent = generate_base(
+        dit, text, size, request.seed, request.mode, negative, request.steps, image_latent=image_latent,
+        audio=sound, hooks=hooks(f"{request.mode} sampling"), device=device, guidance=Guidance(),
+    )  # fmt: skip
+    _free(dit)
+    if request.sr_size is not None:
+        sr_dit, _ = load_dit(
+            paths.sr_dit, compute=request.compute, device=device, swap_layers=request.swap_layers
+        )
+        width, height = request.sr_size
+        sr_size = clip_size(latent.seconds, width, height)
+        sr_image = None if image is None else reference_latent(wan, image, sr_size.width, sr_size.height)
+        latent = generate_sr(
+            sr_dit, latent, text, width, height, request.seed, image_latent=sr_image,
+            hooks=hooks("super-resolution"), device=device,
+        )  # fmt: skip
+        _free(sr_dit)
+
+    written = []
+    decoders = {"turbo": ["turbo"], "wan": ["wan"], "both": ["turbo", "wan"]}[request.decoder]
+    for name in decoders:
+        if name == "turbo":
+            decoder = load_turbo_vae(*turbo_files(paths.turbo_vae), device=device, dtype=dtype)
+        else:
+            decoder = wan or load_wan_vae(paths.wan_vae, device, dtype)
+        frames, audio = decode(latent, decoder, audio_vae)
+        done(f"decoding ({name})")
+        target = output.with_name(output.name + ("" if name == decoders[0] else f"_{name}") + ".mp4")
+        written.append(write_mp4(target, frames, audio))
+        if name == decoders[0]:
+            written.append(write_wav(output.with_suffix(".wav"), audio))
+        _free(decoder)
+    return written
