@@ -309,7 +309,10 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 8 / 32)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     parser.add_argument(
-        "--sr", default=None, metavar="540p|1080p|WxH", help="super-resolve to 896x512, 1920x1088 or WxH"
+        "--sr",
+        default=None,
+        metavar="540p|1080p|WxH",
+        help="super-resolve to 896x512, 1920x1088 or WxH (with the 1080p SR model past 1280x720, else 540p)",
     )
     parser.add_argument(
         "--decoder", choices=("turbo", "wan", "both"), default="turbo",
@@ -333,6 +336,13 @@ def _add_generate(subparsers) -> None:
         )
     parser.add_argument("--out", type=Path, default=Path("output/magihuman"), help="output path prefix")
     parser.set_defaults(run=_run_generate)
+
+
+def _sr_model(size: tuple[int, int] | None) -> str | None:
+    """The SR DiT for a target: the 1080p model (local attention) past 1280x720, else the 540p one."""
+    if size is None:
+        return None
+    return "1080p" if max(size) > 1280 or min(size) > 720 else "540p"
 
 
 def _sr_size(text: str | None) -> tuple[int, int] | None:
@@ -365,7 +375,8 @@ def _run_generate(args) -> int:
         }
         if args.models_dir is None and (given["dit"] is None or given["text_encoder"] is None):
             raise ValueError("give --models-dir (a ComfyUI models folder) or every model path")
-        paths = ModelPaths.from_models_dir(args.models_dir or Path("."), args.mode, args.sr and "x", **given)
+        sr_model = _sr_model(request.sr_size)
+        paths = ModelPaths.from_models_dir(args.models_dir or Path("."), args.mode, sr_model, **given)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         written = run(paths, request, args.out, device, _progress())
     except (ValueError, CheckpointError) as e:

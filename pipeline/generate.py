@@ -55,7 +55,7 @@ def generate_base(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "base" and negative is None:
         raise ValueError("the base model's guidance needs the negative prompt's embedding")
-    steps = check_steps(steps or DEFAULT_STEPS[mode])
+    steps = check_steps(DEFAULT_STEPS[mode] if steps is None else steps)
     device = torch.device(device)
     generator = torch.Generator(device).manual_seed(seed)
     audio_latent, waveform = audio if audio is not None else (None, None)

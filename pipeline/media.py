@@ -68,8 +68,15 @@ def read_audio(path: str | Path) -> dict:
     try:
         with av.open(str(path)) as container:
             stream = container.streams.audio[0]
-            chunks = [frame.to_ndarray(format="fltp") for frame in container.decode(stream)]
-            rate = stream.rate
+            rate, channels = stream.rate, stream.channels
+            to_float = av.AudioResampler(
+                format="fltp", layout="stereo" if channels > 1 else "mono", rate=rate
+            )
+            chunks = [
+                converted.to_ndarray()  # [C, n] float32
+                for frame in container.decode(stream)
+                for converted in to_float.resample(frame)
+            ]
     except (av.error.FFmpegError, IndexError, OSError) as e:
         raise ValueError(f"{path}: cannot read audio from this file ({e})") from None
     if not chunks:

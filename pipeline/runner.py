@@ -17,7 +17,7 @@ from .media import read_audio, read_image, write_mp4, write_wav
 from .model_files import MODEL_FILES, missing_file_message
 from .precision import vae_dtype
 from .sampling import Guidance, Hooks
-from .sizes import clip_size
+from .sizes import check_steps, clip_size
 from .text_encoder import NEGATIVE_PROMPT, load_text_encoder
 from .turbo_vae import load_turbo_vae, turbo_files
 from .wan_vae import load_wan_vae
@@ -96,7 +96,11 @@ def run(
 ):
     """Generate one clip; returns the files written (``<output>.mp4``, ``<output>.wav``, and
     ``<output>_wan.mp4`` when both decoders are asked for)."""
-    size = clip_size(request.seconds, request.width, request.height)  # bad sizes fail before any loading
+    size = clip_size(request.seconds, request.width, request.height)  # bad requests fail before any loading
+    if request.steps is not None:
+        check_steps(request.steps)
+    if request.sr_size is not None:
+        clip_size(request.seconds, *request.sr_size)
     if request.decoder in ("wan", "both") or request.image is not None:
         if paths.wan_vae is None:
             raise CheckpointError(missing_file_message("wan_vae", []))

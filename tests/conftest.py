@@ -1,6 +1,7 @@
 """Test set-up: reach the pack as ``magihuman.*`` without installing it, and skip GPU-only tests on CPU."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 _spec = importlib.util.spec_from_file_location("_bootstrap", ROOT / "_bootstrap.py")
 _bootstrap = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bootstrap)
+sys.modules["_bootstrap"] = _bootstrap  # what cli.py imports when tests call it in-process
 _bootstrap.load()
 
 
@@ -23,6 +25,14 @@ def load_tensors(path) -> dict:
 
     checkpoint = Checkpoint(path)
     return {key: checkpoint.load(key) for key in checkpoint.keys()}
+
+
+def load_cli():
+    """The repository's cli.py as a module (it sits beside the package, not in it)."""
+    spec = importlib.util.spec_from_file_location("magihuman_cli", ROOT / "cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config, items):

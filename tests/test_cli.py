@@ -1,0 +1,128 @@
+"""The command line on the tiny random stack: the demo's mp4 checked with PyAV, ``generate`` from a
+ComfyUI-style models folder (text, image and audio conditioning, super-resolution), argument errors."""
+
+import shlex
+import subprocess
+import sys
+import wave
+
+import av
+import pytest
+import torch
+from conftest import ROOT, load_cli
+from magihuman.pipeline.demo import build_models
+from magihuman.pipeline.media import read_audio, write_wav
+from test_readme import readme_command
+
+
+def streams(path):
+    with av.open(str(path)) as container:
+        video, audio = container.streams.video, container.streams.audio
+        assert len(video) == 1 and len(audio) == 1
+        frames = sum(1 for _ in container.decode(video=0))
+        v, a = video[0], audio[0]
+        return dict(
+            codec=v.codec_context.name, fps=v.average_rate, frames=frames, audio_codec=a.codec_context.name,
+            rate=a.rate, channels=a.channels, video_seconds=float(v.duration * v.time_base),
+            audio_seconds=float(a.duration * a.time_base),
+        )  # fmt: skip
+
+
+def test_demo_command_writes_a_playable_clip(tmp_path):
+    command = readme_command("demo")
+    assert command.endswith("python cli.py demo")
+    run = subprocess.run(
+        [sys.executable, "cli.py", "demo", "--out", str(tmp_path), "--seconds", "1.92", "--size", "64"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "random weights" in run.stdout
+    for name in ("magihuman_demo.mp4", "magihuman_demo_wan.mp4", "magihuman_demo.wav"):
+        assert (tmp_path / name).is_file() and str(tmp_path / name) in run.stdout
+    info = streams(tmp_path / "magihuman_demo.mp4")
+    # 1.92 s -> 49 frames at 25 fps -> 13 latent frames -> 4·13 − 3 = 49 decoded frames
+    assert (info["codec"], info["fps"], info["frames"]) == ("h264", 25, 49)
+    assert (info["audio_codec"], info["rate"], info["channels"]) == ("aac", 44100, 2)
+    assert abs(info["audio_seconds"] - info["video_seconds"]) < 0.05  # one AAC frame is 0.023 s
+    with wave.open(str(tmp_path / "magihuman_demo.wav")) as sound:
+        assert (sound.getnchannels(), sound.getframerate()) == (2, 44100)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("models"))
+
+
+def generate(models, out, *extra):
+    args = ["generate", "--models-dir", str(models), "--prompt", "a woman says hello", "--out", str(out)]
+    return load_cli().main([*args, "--seconds", "0.96", "--width", "64", "--height", "64", *extra])
+
+
+def write_ppm(path, height=48, width=80):
+    pixels = (torch.arange(height * width * 3) % 251).to(torch.uint8).numpy().tobytes()
+    path.write_bytes(f"P6 {width} {height} 255\n".encode() + pixels)
+    return path
+
+
+def test_generate_base_model_with_image_and_super_resolution(models, tmp_path):
+    image = write_ppm(tmp_path / "face.ppm")
+    # The demo folder has no base_fp8/: the DiT is given by path (the random distill weights serve).
+    dit = models / "diffusion_models" / "distill_fp8"
+    assert generate(models, tmp_path / "clip", "--mode", "base", "--steps", "2", "--dit", str(dit),
+                    "--image", str(image), "--sr", "128x96", "--decoder", "wan") == 0  # fmt: skip
+    info = streams(tmp_path / "clip.mp4")
+    assert info["frames"] == 4 * (24 // 4 + 1) - 3  # 0.96 s -> 25 frames -> 7 latents -> 25 frames
+
+
+def test_generate_lip_sync_keeps_the_driving_audio(models, tmp_path):
+    tone = torch.sin(torch.arange(48000) / 48000 * 2 * torch.pi * 330).mul(0.5).expand(1, 2, -1)
+    write_wav(tmp_path / "voice.wav", {"waveform": tone, "sample_rate": 48000})
+    assert generate(models, tmp_path / "synced", "--audio", str(tmp_path / "voice.wav")) == 0
+    out = read_audio(tmp_path / "synced.wav")
+    reference = read_audio(tmp_path / "voice.wav")
+    assert out["sample_rate"] == 44100 and out["waveform"].shape[1] == 2
+    # The output sound is the user's (resampled), not a decoding of it: it keeps the tone's level and shape.
+    n = out["waveform"].shape[-1]
+    expected = torch.sin(torch.arange(n) / 44100 * 2 * torch.pi * 330) * 0.5
+    assert (out["waveform"][0, 0] - expected).abs().max() < 2e-3
+    assert reference["waveform"].shape[-1] == 48000
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seconds", "0"], "seconds must be more than 0"),
+        (["--width", "7"], "width must be a whole number of pixels from 64"),
+        (["--sr", "huge"], "--sr must be 540p, 1080p or WIDTHxHEIGHT"),
+        (["--steps", "0"], "steps must be a whole number"),
+    ],
+)
+def test_bad_arguments_fail_with_a_clear_message(models, tmp_path, capsys, extra, message):
+    assert generate(models, tmp_path / "x", *extra) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_missing_models_name_the_folder_and_the_download(tmp_path, capsys):
+    (tmp_path / "diffusion_models").mkdir()
+    assert generate(tmp_path, tmp_path / "x") == 1
+    err = capsys.readouterr().err
+    assert (
+        "distill_fp8/" in err
+        and "diffusion_models" in err
+        and "python cli.py download --files dit_distill" in err
+    )
+
+
+def test_every_subcommand_has_complete_help():
+    parser = load_cli().build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    assert set(subcommands) == {"convert", "bench", "download", "generate", "demo"}
+    for name, sub in subcommands.items():
+        text = sub.format_help()
+        assert sub.description, name
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} --{action.dest} has no help"
+        assert shlex.split(f"python cli.py {name} --help")  # documented invocation form
+        assert "usage: python cli.py " + name in text
