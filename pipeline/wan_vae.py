@@ -320,9 +320,9 @@ class WanVAE(nn.Module):
         return unpatchify(torch.cat(frames, dim=2)).float().clamp_(-1, 1)
 
 
-def decode_tiled(decode, z: torch.Tensor, tile: int, overlap: int = 4) -> torch.Tensor:
-    """Decode spatial tiles of ``tile`` latent cells overlapping by ``overlap`` and cross-fade the seams."""
-    scale = 16
+def decode_tiled(decode, z: torch.Tensor, tile: int) -> torch.Tensor:
+    """Decode spatial tiles of ``tile`` latent cells overlapping by a quarter tile; cross-fade the seams."""
+    scale, overlap = 16, max(tile // 4, 1)
     _, _, f, h, w = z.shape
     out = torch.zeros(1, 3, 4 * f - 3, h * scale, w * scale, device=z.device)
     weight = torch.zeros(1, 1, 1, h * scale, w * scale, device=z.device)

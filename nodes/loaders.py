@@ -1,0 +1,205 @@
+"""Loader nodes: the DiT (any published layout, FP8 in any convention), the video VAEs, the audio VAE and the
+T5-Gemma text encoder, each picked from ComfyUI's model folders. Loaded models stay loaded between runs
+(ComfyUI keeps node outputs while their inputs are unchanged)."""
+
+import comfy.model_management as mm
+from comfy_api.latest import io
+
+from ..fp8.capability import MODES as FP8_MODES
+from ..pipeline.audio_vae import load_audio_vae
+from ..pipeline.config import VARIANTS
+from ..pipeline.loading import BF16, detect_variant, load_dit
+from ..pipeline.precision import vae_dtype
+from ..pipeline.text_encoder import load_text_encoder
+from ..pipeline.turbo_vae import load_turbo_vae, turbo_files
+from ..pipeline.wan_vae import load_wan_vae
+from .memory import Managed, module_bytes
+from .model_lists import (
+    dit_choices,
+    preferred,
+    resolve,
+    text_encoder_choices,
+    turbo_choices,
+    vae_file_choices,
+)
+from .types import AUDIO_VAE, DIT, TEXT_ENCODER, VIDEO_VAE, LoadedDiT, LoadedTextEncoder, VideoVAEs
+
+CATEGORY = "MagiHuman/loaders"
+NONE = "none"
+
+
+class DiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        choices = dit_choices()
+        return io.Schema(
+            node_id="MagiHumanDiTLoader",
+            display_name="MagiHuman DiT Loader",
+            category=CATEGORY,
+            description="Loads a daVinci-MagiHuman DiT (base, distilled or super-resolution) from "
+            "diffusion_models: a sharded folder such as distill_fp8/ or a single .safetensors file.",
+            inputs=[
+                io.Combo.Input(
+                    "model",
+                    options=choices,
+                    default=preferred(choices, "dit_distill"),
+                    tooltip="A DiT folder (e.g. distill_fp8/, base_fp8/, 540p_sr_fp8/, 1080p_sr_fp8/) "
+                    "or file in models/diffusion_models. FP8, BF16 and FP32 checkpoints all load.",
+                ),
+                io.Combo.Input(
+                    "variant",
+                    options=["auto", *VARIANTS],
+                    default="auto",
+                    tooltip="Which model this is. auto reads it from the name (distill, base, 540p, "
+                    "1080p); it decides the coordinate style and 1080p local attention.",
+                ),
+                io.Combo.Input(
+                    "compute",
+                    options=[*FP8_MODES, BF16],
+                    default="auto",
+                    tooltip="auto: FP8 tensor cores where the GPU has them (RTX 40xx/50xx, H100), "
+                    "otherwise FP8 weights dequantized on the fly; bf16 needs twice the memory.",
+                ),
+                io.Combo.Input(
+                    "attention",
+                    options=["auto", "sdpa", "flash", "sage"],
+                    default="auto",
+                    tooltip="Attention kernel. auto uses flash-attn when installed, else PyTorch SDPA.",
+                ),
+                io.Int.Input(
+                    "swap_layers",
+                    default=0,
+                    min=0,
+                    max=40,
+                    tooltip="Keep this many of the 40 layers in system memory and stream them in for "
+                    "each step (for GPUs under 24 GB; ~15 layers fit a 16 GB card). Same result, slower.",
+                ),
+            ],  # fmt: skip
+            outputs=[DIT.Output(display_name="dit")],
+        )
+
+    @classmethod
+    def execute(cls, model, variant, compute, attention, swap_layers) -> io.NodeOutput:
+        variant = detect_variant(model) if variant == "auto" else variant
+        path = resolve(model, "diffusion_models", f"dit_{variant}")
+        device = mm.get_torch_device()
+        mm.free_memory(sum(f.stat().st_size for f in _files(path)), device)
+        dit, report = load_dit(path, variant, compute, device, attention, swap_layers=swap_layers)
+        managed = Managed(dit, resident_bytes=module_bytes(dit, device))
+        description = (
+            f"{model} ({report.variant}, {report.convention}, {report.linear}, {report.seconds:.0f} s)"
+        )
+        return io.NodeOutput(LoadedDiT(managed, report.variant, description))
+
+
+def _files(path):
+    return [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]
+
+
+class VAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        turbo, files = turbo_choices(), vae_file_choices()
+        return io.Schema(
+            node_id="MagiHumanVAELoader",
+            display_name="MagiHuman Video VAE Loader",
+            category=CATEGORY,
+            description="Loads the video decoders from models/vae: the fast Turbo VAE decoder and the Wan2.2 "
+            "VAE (needed to encode a reference image, and the full-quality decoder).",
+            inputs=[
+                io.Combo.Input(
+                    "turbo_vae",
+                    options=[*turbo, NONE],
+                    default=preferred(turbo, "turbo_vae") or NONE,
+                    tooltip="The turbo_vae/ folder (TurboV3-Wan22-TinyShallow_7_7.json + "
+                    "checkpoint-340000.ckpt) from GAIR/daVinci-MagiHuman, or none.",
+                ),
+                io.Combo.Input(
+                    "wan_vae",
+                    options=[*files, NONE],
+                    default=preferred(files, "wan_vae") or NONE,
+                    tooltip="Wan2.2_VAE.pth (Wan-AI/Wan2.2-TI2V-5B) or ComfyUI's wan2.2_vae.safetensors, "
+                    "or none when no reference image is used and Turbo decodes.",
+                ),
+            ],  # fmt: skip
+            outputs=[VIDEO_VAE.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, turbo_vae, wan_vae) -> io.NodeOutput:
+        if turbo_vae == NONE and wan_vae == NONE:
+            raise ValueError("choose at least one video VAE (Turbo VAE or Wan2.2 VAE)")
+        offload, dtype = mm.unet_offload_device(), vae_dtype(mm.get_torch_device())
+        turbo = None
+        if turbo_vae != NONE:
+            turbo = load_turbo_vae(*turbo_files(resolve(turbo_vae, "vae", "turbo_vae")), offload, dtype)
+        wan = None if wan_vae == NONE else load_wan_vae(resolve(wan_vae, "vae", "wan_vae"), offload, dtype)
+        return io.NodeOutput(VideoVAEs(turbo, wan))
+
+
+class AudioVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = vae_file_choices()
+        return io.Schema(
+            node_id="MagiHumanAudioVAELoader",
+            display_name="MagiHuman Audio VAE Loader",
+            category=CATEGORY,
+            description="Loads the Stable Audio Open VAE: latents to stereo sound, sound to latents.",
+            inputs=[
+                io.Combo.Input(
+                    "audio_vae",
+                    options=files,
+                    default=preferred(files, "audio_vae"),
+                    tooltip="stable-audio-open-1.0/model.safetensors (stabilityai/stable-audio-open-1.0, "
+                    "gated) or a VAE-only Stable Audio file, in models/vae.",
+                ),
+            ],  # fmt: skip
+            outputs=[AUDIO_VAE.Output(display_name="audio_vae")],
+        )
+
+    @classmethod
+    def execute(cls, audio_vae) -> io.NodeOutput:
+        return io.NodeOutput(load_audio_vae(resolve(audio_vae, "vae", "audio_vae"), mm.unet_offload_device()))
+
+
+class TextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        choices = text_encoder_choices()
+        return io.Schema(
+            node_id="MagiHumanTextEncoderLoader",
+            display_name="MagiHuman T5-Gemma Loader",
+            category=CATEGORY,
+            description="Loads the T5-Gemma 9B text encoder (encoder half only) from models/text_encoders.",
+            inputs=[
+                io.Combo.Input(
+                    "text_encoder",
+                    options=choices,
+                    default=preferred(choices, "text_encoder"),
+                    tooltip="The t5gemma-9b-9b-ul2/ folder (config, tokenizer, shards) or an "
+                    "encoder-only .safetensors with config.json and tokenizer files beside it.",
+                ),
+                io.Combo.Input(
+                    "weights",
+                    options=["bf16", "fp8"],
+                    default="bf16",
+                    tooltip="fp8 stores the encoder's linear layers in FP8: about half the memory "
+                    "(~9 instead of ~18 GB), slightly different embeddings.",
+                ),
+                io.Combo.Input(
+                    "device",
+                    options=["gpu", "cpu"],
+                    default="gpu",
+                    tooltip="gpu: encode on the GPU (the encoder leaves it right after); cpu: encode "
+                    "on the CPU, slower but using no GPU memory.",
+                ),
+            ],  # fmt: skip
+            outputs=[TEXT_ENCODER.Output(display_name="text_encoder")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, weights, device) -> io.NodeOutput:
+        path = resolve(text_encoder, "text_encoders", "text_encoder")
+        encoder = load_text_encoder(path, mm.unet_offload_device(), fp8=weights == "fp8")
+        return io.NodeOutput(LoadedTextEncoder(encoder, device == "gpu"))

@@ -1,0 +1,159 @@
+"""The base-stage samplers: the distilled model (8 steps, no guidance) and the base model (32 steps, text
+guidance with separate video and audio scales). Both output a MagiHuman latent (video + audio together)."""
+
+import comfy.model_management as mm
+import torch
+from comfy_api.latest import io
+
+from ..pipeline.generate import DEFAULT_STEPS, driving_audio, generate_base, reference_latent
+from ..pipeline.sampling import Guidance
+from ..pipeline.scheduler import DEFAULT_SHIFT
+from ..pipeline.sizes import ClipSize, clip_size
+from .memory import module_bytes, on_device
+from .progress import sampling_hooks
+from .types import AUDIO_VAE, CONDITIONING, DIT, LATENT, VIDEO_VAE, LoadedDiT, MagiConditioning, VideoVAEs
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+BYTES_PER_TOKEN = 170_000  # peak activations of one full-size DiT forward per token (bf16 MLP, fp32 residual)
+
+
+def common_inputs(steps: int) -> list:
+    return [
+        DIT.Input("dit", tooltip="From MagiHuman DiT Loader."),
+        CONDITIONING.Input("conditioning", tooltip="From MagiHuman Conditioning."),
+        io.Float.Input("seconds", default=4.0, min=0.2, max=60.0, step=0.04, round=0.04,
+                       tooltip="Clip length at 25 fps, a multiple of 0.04 s (trained on 4-5 s clips)."),
+        io.Int.Input("width", default=448, min=64, max=4096, step=32,
+                     tooltip="Base-stage width in pixels (multiple of 32). 448x256 as in the official "
+                     "examples; super-resolve afterwards for 540p or 1080p."),
+        io.Int.Input("height", default=256, min=64, max=4096, step=32, tooltip="Base-stage height, pixels."),
+        io.Int.Input("seed", default=42, min=0, max=MAX_SEED, control_after_generate=True,
+                     tooltip="Noise seed: the same seed gives the same clip on the same device."),
+        io.Int.Input("steps", default=steps, min=1, max=1000, tooltip=f"Sampling steps (official: {steps})."),
+        io.Float.Input("shift", default=DEFAULT_SHIFT, min=0.1, max=20.0, step=0.1,
+                       tooltip="Noise-schedule shift (official: 5.0)."),
+        VIDEO_VAE.Input("vae", optional=True,
+                        tooltip="Needed with a reference image (its Wan2.2 VAE encodes the picture)."),
+        AUDIO_VAE.Input("audio_vae", optional=True, tooltip="Needed with driving audio (encodes the sound)."),
+    ]  # fmt: skip
+
+
+def conditioning_latents(cond: MagiConditioning, size: ClipSize, vae: VideoVAEs | None, audio_vae):
+    """(reference image latent or None, driving audio (latent, waveform) or None) at ``size``."""
+    image = sound = None
+    if cond.image is not None:
+        if vae is None or vae.wan is None:
+            raise ValueError(
+                "a reference image needs the Wan2.2 VAE: connect a MagiHuman Video VAE Loader (with wan_vae "
+                "set) to the vae input"
+            )
+        with on_device(vae.wan, module_bytes(vae.wan)) as wan:
+            image = reference_latent(wan, cond.image, size.width, size.height)
+    if cond.audio is not None:
+        if audio_vae is None:
+            raise ValueError(
+                "driving audio needs the audio VAE: connect a MagiHuman Audio VAE Loader to audio_vae"
+            )
+        with on_device(audio_vae, module_bytes(audio_vae)) as encoder:
+            sound = driving_audio(encoder, cond.audio, size)
+    return image, sound
+
+
+def run_base_stage(dit: LoadedDiT, cond, seconds, width, height, seed, steps, shift, vae, audio_vae, mode,
+                   guidance=None, batch: str = "sequential"):  # fmt: skip
+    size = clip_size(seconds, width, height)
+    image, sound = conditioning_latents(cond, size, vae, audio_vae)
+    model = dit.managed.use()
+    device = mm.get_torch_device()
+    if batch == "auto":
+        tokens = size.latent_frames * size.latent_height * size.latent_width // 4 + size.audio_frames + 640
+        batch = "batched" if mm.get_free_memory(device) > 3 * tokens * BYTES_PER_TOKEN else "sequential"
+    latent = generate_base(
+        model, cond.prompt, size, seed, mode, cond.negative, steps, shift, guidance, image, sound,
+        sampling_hooks(steps), device, batch_cfg=batch == "batched",
+    )  # fmt: skip
+    return latent.to(mm.intermediate_device())
+
+
+class DistillSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MagiHumanDistillSampler",
+            display_name="MagiHuman Sampler (distilled)",
+            category="MagiHuman/sampling",
+            description="The distilled model: 8 steps, no guidance (fast). Use with the distill DiT.",
+            inputs=common_inputs(DEFAULT_STEPS["distill"]),
+            outputs=[LATENT.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, dit, conditioning, seconds, width, height, seed, steps, shift, vae=None, audio_vae=None):
+        latent = run_base_stage(
+            dit, conditioning, seconds, width, height, seed, steps, shift, vae, audio_vae, "distill"
+        )
+        return io.NodeOutput(latent)
+
+
+class BaseSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MagiHumanBaseSampler",
+            display_name="MagiHuman Sampler (base, guided)",
+            category="MagiHuman/sampling",
+            description="The base model: 32 UniPC steps with text guidance against the negative prompt, "
+            "video and audio guided separately. Use with the base DiT.",
+            inputs=common_inputs(DEFAULT_STEPS["base"])
+            + [
+                io.Float.Input(
+                    "video_cfg",
+                    default=5.0,
+                    min=1.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="Video guidance scale while the timestep is above the switch (official 5).",
+                ),
+                io.Float.Input(
+                    "video_cfg_late",
+                    default=2.0,
+                    min=1.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="Video guidance scale once the timestep is at or below the switch (official 2).",
+                ),
+                io.Int.Input(
+                    "cfg_switch_t",
+                    default=500,
+                    min=0,
+                    max=1000,
+                    tooltip="Timestep (of 1000) at which the video scale drops (official 500).",
+                ),
+                io.Float.Input(
+                    "audio_cfg",
+                    default=5.0,
+                    min=1.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="Audio guidance scale, all steps (official 5).",
+                ),
+                io.Combo.Input(
+                    "batch_cfg",
+                    options=["auto", "batched", "sequential"],
+                    default="auto",
+                    tooltip="Run the conditional and unconditional passes together (faster, more "
+                    "memory) or one after the other; auto decides from free GPU memory.",
+                ),
+            ],  # fmt: skip
+            outputs=[LATENT.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, dit, conditioning, seconds, width, height, seed, steps, shift, video_cfg, video_cfg_late,
+                cfg_switch_t, audio_cfg, batch_cfg, vae=None, audio_vae=None):  # fmt: skip
+        guidance = Guidance(video_cfg, video_cfg_late, cfg_switch_t, audio_cfg)
+        if torch.device(mm.get_torch_device()).type == "cpu" and batch_cfg == "auto":
+            batch_cfg = "sequential"  # no gain from batching on a CPU
+        latent = run_base_stage(dit, conditioning, seconds, width, height, seed, steps, shift, vae, audio_vae,
+                                "base", guidance, batch_cfg)  # fmt: skip
+        return io.NodeOutput(latent)

@@ -1,0 +1,139 @@
+"""The super-resolution node: a base latent refined to 540p, 1080p or any size by an SR DiT."""
+
+import logging
+from dataclasses import replace
+
+import comfy.model_management as mm
+from comfy_api.latest import io
+
+from ..pipeline.generate import DEFAULT_STEPS, generate_sr
+from ..pipeline.scheduler import DEFAULT_SHIFT
+from ..pipeline.sizes import clip_size
+from ..pipeline.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance
+from .progress import sampling_hooks
+from .samplers import MAX_SEED, conditioning_latents
+from .types import CONDITIONING, DIT, LATENT, VIDEO_VAE
+
+log = logging.getLogger(__name__)
+TARGETS = {"540p": (896, 512), "1080p": (1920, 1088)}
+
+
+class SuperResolution(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MagiHumanSuperResolution",
+            display_name="MagiHuman Super-Resolution",
+            category="MagiHuman/sampling",
+            description="Upsamples a MagiHuman latent, re-noises it and refines it with the 540p or 1080p SR "
+            "DiT in 5 steps. The sound is kept from the input latent.",
+            inputs=[
+                DIT.Input("sr_dit", tooltip="An SR DiT (540p_sr_fp8/ or 1080p_sr_fp8/) from the DiT loader."),
+                LATENT.Input("latent", tooltip="A base-stage latent from a MagiHuman sampler."),
+                CONDITIONING.Input("conditioning", tooltip="The same conditioning as the base stage."),
+                io.Combo.Input(
+                    "target",
+                    options=[*TARGETS, "custom"],
+                    default="540p",
+                    tooltip="540p = 896x512, 1080p = 1920x1088 (use the 1080p SR DiT), or custom.",
+                ),
+                io.Int.Input(
+                    "width", default=1280, min=64, max=4096, step=32, tooltip="Custom target width."
+                ),
+                io.Int.Input(
+                    "height", default=704, min=64, max=4096, step=32, tooltip="Custom target height."
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=42,
+                    min=0,
+                    max=MAX_SEED,
+                    control_after_generate=True,
+                    tooltip="Seed of the re-noising noise.",
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=DEFAULT_STEPS["sr"],
+                    min=1,
+                    max=100,
+                    tooltip="Refinement steps (official 5).",
+                ),
+                io.Float.Input(
+                    "shift",
+                    default=DEFAULT_SHIFT,
+                    min=0.1,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="Noise-schedule shift (official 5.0).",
+                ),
+                io.Int.Input(
+                    "noise_index",
+                    default=NOISE_INDEX,
+                    min=0,
+                    max=999,
+                    tooltip="How much of the upsampled latent is re-noised (ZeroSNR index; official 220; "
+                    "0 = none, higher = more freedom to redraw).",
+                ),
+                io.Float.Input(
+                    "audio_noise_scale",
+                    default=AUDIO_NOISE_SCALE,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="Noise share of the audio the SR model hears (official 0.7).",
+                ),
+                io.Float.Input(
+                    "sr_cfg",
+                    default=1.0,
+                    min=1.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="SR guidance scale; 1 = off as shipped (the official alternative is 3.5).",
+                ),
+                io.Int.Input(
+                    "cfg_trick_frames",
+                    default=13,
+                    min=0,
+                    max=1000,
+                    tooltip="With guidance: the first latent frames get a capped scale (less over-exposure).",
+                ),
+                io.Float.Input(
+                    "cfg_trick_value",
+                    default=2.0,
+                    min=1.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="With guidance: the cap on those frames (official 2.0).",
+                ),
+                VIDEO_VAE.Input(
+                    "vae",
+                    optional=True,
+                    tooltip="Needed with a reference image: it is re-encoded at the SR size.",
+                ),
+            ],  # fmt: skip
+            outputs=[LATENT.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, sr_dit, latent, conditioning, target, width, height, seed, steps, shift, noise_index,
+                audio_noise_scale, sr_cfg, cfg_trick_frames, cfg_trick_value, vae=None):  # fmt: skip
+        if not sr_dit.variant.startswith("sr_"):
+            raise ValueError(
+                f"sr_dit is the '{sr_dit.variant}' DiT; super-resolution needs an SR DiT (540p_sr_fp8/ or "
+                "1080p_sr_fp8/), loaded with variant auto, sr_540p or sr_1080p"
+            )
+        width, height = TARGETS.get(target, (width, height))
+        if target == "1080p" and sr_dit.variant != "sr_1080p":
+            log.warning(
+                "1080p super-resolution with the %s DiT: the 1080p SR DiT is made for it", sr_dit.variant
+            )
+        size = clip_size(latent.seconds, width, height)
+        image, _ = conditioning_latents(replace(conditioning, audio=None), size, vae, None)  # sound is kept
+        guidance = None if sr_cfg <= 1.0 else SRGuidance(sr_cfg, cfg_trick_frames, cfg_trick_value)
+        model = sr_dit.managed.use()
+        result = generate_sr(
+            model, latent, conditioning.prompt, size.width, size.height, seed, steps, shift, noise_index,
+            audio_noise_scale, guidance, conditioning.negative, image, sampling_hooks(steps),
+            mm.get_torch_device(),
+        )  # fmt: skip
+        return io.NodeOutput(result.to(mm.intermediate_device()))

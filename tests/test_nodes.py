@@ -1,0 +1,204 @@
+"""The ComfyUI nodes, without ComfyUI (tests/fake_comfy stands in for its API): schemas, and every node's
+execute driving the pipeline on the tiny demo models, as a workflow would chain them."""
+
+import asyncio
+
+import pytest
+import torch
+from magihuman.fp8.checkpoint import CheckpointError
+from magihuman.pipeline.latent import MagiLatent
+
+pytest_plugins = ["comfy_fixtures"]
+
+
+def node(comfy, name):
+    return next(n for n in comfy.nodes.NODES if n.__name__ == name)
+
+
+def run(comfy, name, **inputs):
+    return node(comfy, name).execute(**inputs).result
+
+
+@pytest.fixture(scope="module")
+def stack(comfy):
+    """Loaded models and conditioning, as the loader and conditioning nodes produce them."""
+    (dit,) = run(
+        comfy,
+        "DiTLoader",
+        model="distill_fp8/",
+        variant="auto",
+        compute="auto",
+        attention="auto",
+        swap_layers=0,
+    )
+    (sr_dit,) = run(
+        comfy,
+        "DiTLoader",
+        model="540p_sr_fp8/",
+        variant="auto",
+        compute="auto",
+        attention="sdpa",
+        swap_layers=0,
+    )
+    (vae,) = run(comfy, "VAELoader", turbo_vae="turbo_vae/", wan_vae="Wan2.2_VAE.pth")
+    (audio_vae,) = run(comfy, "AudioVAELoader", audio_vae="stable-audio-open-1.0/model.safetensors")
+    (text_encoder,) = run(
+        comfy, "TextEncoderLoader", text_encoder="t5gemma-9b-9b-ul2/", weights="bf16", device="gpu"
+    )
+    (cond,) = run(
+        comfy, "TextEncode", text_encoder=text_encoder, prompt="a woman says hello", negative_prompt="static"
+    )
+    return dict(dit=dit, sr_dit=sr_dit, vae=vae, audio_vae=audio_vae, text_encoder=text_encoder, cond=cond)
+
+
+def sample(comfy, stack, cond=None, **overrides):
+    inputs = dict(dit=stack["dit"], conditioning=cond or stack["cond"], seconds=0.96, width=64, height=64,
+                  seed=1, steps=8, shift=5.0, vae=stack["vae"], audio_vae=stack["audio_vae"])  # fmt: skip
+    inputs.update(overrides)
+    return run(comfy, "DistillSampler", **inputs)[0]
+
+
+def test_every_schema_builds_with_unique_ids_tooltips_and_one_category_root(comfy):
+    nodes = comfy.nodes.NODES
+    extension = asyncio.run(comfy.nodes.comfy_entrypoint())
+    assert asyncio.run(extension.get_node_list()) == nodes
+    ids = []
+    for n in nodes:
+        schema = n.define_schema()
+        schema.validate()
+        ids.append(schema.node_id)
+        assert schema.node_id.startswith("MagiHuman") and schema.category.startswith("MagiHuman")
+        assert schema.display_name and schema.description
+        for i in schema.inputs:
+            assert i.tooltip, f"{schema.node_id}.{i.id} has no tooltip"
+    assert len(ids) == len(set(ids)) == 9
+
+
+def test_our_objects_travel_on_our_own_socket_types(comfy):
+    core = {"MODEL", "VAE", "CLIP", "LATENT", "CONDITIONING"}
+    for n in comfy.nodes.NODES:
+        schema = n.define_schema()
+        for socket in [*schema.inputs, *schema.outputs]:
+            assert socket.io_type not in core, f"{schema.node_id} uses core type {socket.io_type}"
+
+
+def test_loader_choices_list_sharded_folders_and_files(comfy):
+    inputs = {i.id: i for i in node(comfy, "DiTLoader").define_schema().inputs}
+    assert inputs["model"].options == ["540p_sr_fp8/", "distill_fp8/"]
+    assert inputs["model"].default == "distill_fp8/"
+    vae_inputs = {i.id: i for i in node(comfy, "VAELoader").define_schema().inputs}
+    assert vae_inputs["turbo_vae"].options == ["turbo_vae/", "none"]
+    assert (
+        "Wan2.2_VAE.pth" in vae_inputs["wan_vae"].options
+        and vae_inputs["wan_vae"].default == "Wan2.2_VAE.pth"
+    )
+    text = {i.id: i for i in node(comfy, "TextEncoderLoader").define_schema().inputs}
+    assert text["text_encoder"].options == ["t5gemma-9b-9b-ul2/"]
+
+
+def test_text_to_video_then_super_resolution_then_decode(comfy, stack):
+    comfy.utils.bars.clear()
+    latent = sample(comfy, stack)
+    assert (
+        isinstance(latent, MagiLatent)
+        and latent.video.shape == (1, 48, 7, 4, 4)
+        and latent.audio.shape == (1, 25, 64)
+    )
+    assert [u[0] for u in comfy.utils.bars[-1].updates] == list(range(1, 9))  # one progress update per step
+    (sr,) = run(comfy, "SuperResolution", sr_dit=stack["sr_dit"], latent=latent, conditioning=stack["cond"],
+                target="custom", width=128, height=96, seed=2, steps=5, shift=5.0, noise_index=220,
+                audio_noise_scale=0.7, sr_cfg=1.0, cfg_trick_frames=13, cfg_trick_value=2.0)  # fmt: skip
+    assert sr.video.shape == (1, 48, 7, 6, 8) and sr.stage == "sr" and torch.equal(sr.audio, latent.audio)
+    frames, audio, video = run(comfy, "Decode", latent=sr, vae=stack["vae"], audio_vae=stack["audio_vae"],
+                               decoder="turbo", offload_frames=True, tile=0)  # fmt: skip
+    assert (
+        frames.shape == (25, 96, 128, 3)
+        and frames.dtype == torch.float32
+        and 0 <= frames.min() <= frames.max() <= 1
+    )
+    assert audio["sample_rate"] == 44100 and audio["waveform"].shape == (1, 2, 44100)  # 25 frames = 1 s
+    components = video.get_components()
+    assert components.frame_rate == 25 and components.images is frames and components.audio is audio
+    wan_frames, _, _ = run(comfy, "Decode", latent=sr, vae=stack["vae"], audio_vae=stack["audio_vae"],
+                           decoder="wan", offload_frames=False, tile=4)  # fmt: skip
+    assert wan_frames.shape == frames.shape
+
+
+def test_base_sampler_with_image_and_driving_audio(comfy, stack):
+    # 220 whole cycles in 1 s of mono 16 kHz audio (whole cycles: the FFT resampler sees no edge).
+    tone = {
+        "waveform": torch.sin(torch.arange(16000) / 16000 * 2 * torch.pi * 220).view(1, 1, -1),
+        "sample_rate": 16000,
+    }
+    (cond,) = run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="a man laughs",
+                  negative_prompt="static", image=torch.rand(1, 80, 120, 3), audio=tone)  # fmt: skip
+    inputs = dict(dit=stack["dit"], conditioning=cond, seconds=0.96, width=64, height=64, seed=3, steps=3,
+                  shift=5.0, video_cfg=5.0, video_cfg_late=2.0, cfg_switch_t=500, audio_cfg=5.0,
+                  batch_cfg="auto", vae=stack["vae"], audio_vae=stack["audio_vae"])  # fmt: skip
+    (latent,) = run(comfy, "BaseSampler", **inputs)
+    assert latent.user_audio and latent.video.shape == (1, 48, 7, 4, 4)
+    _, audio, _ = run(comfy, "Decode", latent=latent, vae=stack["vae"], audio_vae=stack["audio_vae"],
+                      decoder="turbo", offload_frames=False, tile=0)  # fmt: skip
+    expected = torch.sin(torch.arange(44100) / 44100 * 2 * torch.pi * 220)
+    assert (audio["waveform"][0, 1] - expected).abs().max() < 5e-3  # the clip's sound is the driving audio
+
+
+def test_missing_inputs_for_image_or_audio_are_explained(comfy, stack):
+    (cond,) = run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="hello",
+                  negative_prompt="x", image=torch.rand(1, 64, 64, 3))  # fmt: skip
+    with pytest.raises(ValueError, match="reference image needs the Wan2.2 VAE"):
+        sample(comfy, stack, cond, vae=None)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="  ", negative_prompt="x")
+    with pytest.raises(ValueError, match="super-resolution needs an SR DiT"):
+        run(comfy, "SuperResolution", sr_dit=stack["dit"], latent=sample(comfy, stack),
+            conditioning=stack["cond"], target="540p", width=0, height=0, seed=0, steps=1, shift=5.0,
+            noise_index=220, audio_noise_scale=0.7, sr_cfg=1.0, cfg_trick_frames=13,
+            cfg_trick_value=2.0)  # fmt: skip
+
+
+def test_block_swap_and_seeds_do_not_change_results(comfy, stack):
+    (swapped,) = run(comfy, "DiTLoader", model="distill_fp8/", variant="distill", compute="auto",
+                     attention="sdpa", swap_layers=2)  # fmt: skip
+    plain, again, other = (
+        sample(comfy, stack, seed=5),
+        sample(comfy, stack, seed=5),
+        sample(comfy, stack, seed=6),
+    )
+    assert torch.equal(plain.video, again.video) and not torch.equal(plain.video, other.video)
+    assert torch.equal(sample(comfy, stack, dit=swapped, seed=5).video, plain.video)
+
+
+def test_cancel_interrupts_sampling_and_the_next_run_works(comfy, stack):
+    comfy.mm.interrupt_current_processing(True)
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        sample(comfy, stack)
+    assert isinstance(sample(comfy, stack), MagiLatent)
+
+
+def test_models_are_registered_and_room_is_made(comfy, stack):
+    comfy.mm.calls.clear()
+    sample(comfy, stack)
+    names = [name for name, _ in comfy.mm.calls]
+    assert "load_models_gpu" in names  # the DiT, through its ModelPatcher
+    assert stack["dit"].managed.patcher.size > 0
+    comfy.mm.calls.clear()
+    run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="a new prompt", negative_prompt="x")
+    assert comfy.mm.calls[0][0] == "free_memory"  # the encoder visits the GPU only after making room
+
+
+def test_missing_model_files_say_where_they_go_and_where_they_come_from(comfy):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'base_fp8/' is not in the 'diffusion_models' folder.*"
+        r"SanDiegoDude/daVinci-MagiHuman-FP8.*download --files dit_base",
+    ):
+        run(
+            comfy,
+            "DiTLoader",
+            model="base_fp8/",
+            variant="base",
+            compute="auto",
+            attention="sdpa",
+            swap_layers=0,
+        )
