@@ -1,0 +1,152 @@
+"""The example workflows: valid UI-format graphs that use only our nodes and core ones, with widget values and
+links that match the node schemas; and each one executed end to end on the tiny demo models (with the fake
+ComfyUI API and small sizes), as ComfyUI would run it."""
+
+import json
+from collections import deque
+
+import av
+import pytest
+import torch
+from conftest import ROOT
+from magihuman.pipeline.media import write_mp4
+from magihuman.pipeline.model_files import WORKFLOW_FILES
+
+pytest_plugins = ["comfy_fixtures"]
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+# Core nodes the workflows may use: {type: (socket inputs, output types, widget count)}.
+CORE = {
+    "SaveVideo": ({"video": "VIDEO"}, [], 3),
+    "LoadImage": ({}, ["IMAGE", "MASK"], 2),
+    "LoadAudio": ({}, ["AUDIO"], 3),
+    "MarkdownNote": ({}, [], 1),
+    "Note": ({}, [], 1),
+}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2, "target": "custom"}
+
+
+def schemas(comfy):
+    return {n.define_schema().node_id: (n, n.define_schema()) for n in comfy.nodes.NODES}
+
+
+def widgets(schema):
+    """Widget input names in UI order; a seed's control_after_generate slot follows it as None."""
+    names = []
+    for i in schema.inputs:
+        if i.io_type in WIDGET_TYPES:
+            names.append(i.id)
+            if i.kwargs.get("control_after_generate"):
+                names.append(None)
+    return names
+
+
+def test_the_workflows_are_the_documented_set():
+    assert {p.stem for p in WORKFLOWS} == set(WORKFLOW_FILES)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_graph_uses_known_nodes_and_matching_widgets_and_links(comfy, path):
+    graph = json.loads(path.read_text())
+    ours = schemas(comfy)
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert any(n["type"] == "SaveVideo" for n in nodes.values()), "every example saves an mp4"
+    assert any(n["type"] in ("MarkdownNote", "Note") for n in nodes.values()), (
+        "every example notes its models"
+    )
+    for n in nodes.values():
+        assert n["type"] in ours or n["type"] in CORE, f"unknown node {n['type']}"
+        if n["type"] in ours:
+            schema = ours[n["type"]][1]
+            expected = widgets(schema)
+            assert len(n["widgets_values"]) == len(expected), f"{n['type']} widgets"
+            for name, value in zip(expected, n["widgets_values"], strict=True):
+                spec = next((i for i in schema.inputs if i.id == name), None)
+                if (
+                    spec is not None
+                    and spec.io_type == "COMBO"
+                    and not name.endswith(("model", "vae", "encoder"))
+                ):
+                    assert value in spec.options, f"{n['type']}.{name} = {value!r}"
+            required = {i.id for i in schema.inputs if i.io_type not in WIDGET_TYPES and not i.optional}
+            linked = {i["name"] for i in n["inputs"] if i["link"] is not None}
+            assert required <= linked, f"{n['type']} misses {required - linked}"
+        else:
+            assert len(n["widgets_values"]) == CORE[n["type"]][2]
+    for link_id, src, slot, dst, dst_slot, kind in graph["links"]:
+        source = nodes[src]
+        assert source["outputs"][slot]["type"] == kind and link_id in source["outputs"][slot]["links"]
+        target_input = nodes[dst]["inputs"][dst_slot]
+        assert target_input["link"] == link_id and target_input["type"] == kind
+        if nodes[dst]["type"] in ours:
+            spec = next(i for i in ours[nodes[dst]["type"]][1].inputs if i.id == target_input["name"])
+            assert spec.io_type == kind, f"{nodes[dst]['type']}.{spec.id} takes {spec.io_type}, gets {kind}"
+        else:
+            assert CORE[nodes[dst]["type"]][0][target_input["name"]] == kind
+
+
+def run_graph(comfy, graph, output_dir):
+    """Execute a UI graph in dependency order: our nodes through their execute, core ones by stand-ins."""
+    ours = schemas(comfy)
+    nodes = {n["id"]: n for n in graph["nodes"] if n["type"] not in ("MarkdownNote", "Note")}
+    sources = {(link[3], link[4]): (link[1], link[2]) for link in graph["links"]}
+    results, written = {}, []
+    pending = deque(sorted(nodes))
+    while pending:
+        node_id = pending.popleft()
+        node = nodes[node_id]
+        inputs = {}
+        for slot, socket in enumerate(node["inputs"]):
+            src = sources.get((node_id, slot))
+            if src is not None:
+                if src[0] not in results:
+                    break
+                inputs[socket["name"]] = results[src[0]][src[1]]
+        else:
+            results[node_id] = execute(comfy, ours, node, inputs, output_dir, written)
+            continue
+        pending.append(node_id)
+    return written
+
+
+def execute(comfy, ours, node, inputs, output_dir, written):
+    kind = node["type"]
+    if kind == "LoadImage":
+        return torch.rand(1, 90, 160, 3), torch.zeros(1, 90, 160)
+    if kind == "LoadAudio":
+        t = torch.arange(44100) / 44100
+        return ({"waveform": torch.sin(2 * torch.pi * 200 * t).expand(1, 2, -1), "sample_rate": 44100},)
+    if kind == "SaveVideo":
+        components = inputs["video"].get_components()
+        path = output_dir / f"{node['widgets_values'][0].replace('/', '_')}.mp4"
+        written.append(write_mp4(path, components.images, components.audio, int(components.frame_rate)))
+        return ()
+    cls, schema = ours[kind]
+    values = dict(zip(widgets(schema), node["widgets_values"], strict=True))
+    values.pop(None, None)
+    for name, small in SMALL.items():
+        if name in values:
+            values[name] = min(values[name], small) if name == "steps" else small
+    if kind == "MagiHumanSuperResolution":
+        values.update(width=128, height=96)
+    return cls.execute(**values, **inputs).result
+
+
+@pytest.fixture(scope="module")
+def published_names(comfy):
+    """The demo models under every name the workflows use (base and 1080p SR share the demo weights)."""
+    models = comfy.models / "diffusion_models"
+    for alias, source in (("base_fp8", "distill_fp8"), ("1080p_sr_fp8", "540p_sr_fp8")):
+        if not (models / alias).exists():
+            (models / alias).symlink_to(models / source, target_is_directory=True)
+    return comfy
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_end_to_end_and_saves_an_mp4_with_sound(published_names, path, tmp_path):
+    written = run_graph(published_names, json.loads(path.read_text()), tmp_path)
+    assert len(written) == 1 and written[0].stat().st_size > 0
+    with av.open(str(written[0])) as container:
+        assert len(container.streams.video) == 1 and len(container.streams.audio) == 1
+        assert container.streams.audio[0].channels == 2
