@@ -109,7 +109,8 @@ def _add_bench(subparsers) -> None:
         "TFLOP/s, speed-up), then the converter's peak RSS on a large synthetic checkpoint. dit: one DiT "
         "forward (FP8 vs bf16 block linears; step time, weights and peak memory) at the token counts of "
         "5-second clips at 256p, 540p and 1080p; the full 15.3B model with random weights on a GPU, a "
-        "reduced-width stand-in on CPU.",
+        "reduced-width stand-in on CPU. vae: Turbo VAE and Wan2.2 VAE decode time and peak memory (real "
+        "architectures, random weights) at those sizes.",
     )
     parser.add_argument("target", choices=sorted(BENCH_TARGETS), help="what to measure")
     parser.add_argument(
@@ -131,7 +132,14 @@ def _add_bench(subparsers) -> None:
         "--clips",
         default="256p,540p,1080p",
         metavar="NAME,...",
-        help="dit: which clip sizes to run (256p, 540p, 1080p). Default: all three",
+        help="dit, vae: which clip sizes to run (256p, 540p, 1080p). Default: all three",
+    )
+    parser.add_argument(
+        "--latent-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="vae: latent frames per clip (default: 32 = 5 s on GPU, 2 on CPU)",
     )
     parser.add_argument(
         "--convert-scale",
@@ -186,7 +194,15 @@ def _bench_dit(args, device) -> int:
     return 0
 
 
-BENCH_TARGETS = {"fp8": _bench_fp8, "dit": _bench_dit}
+def _bench_vae(args, device) -> int:
+    from magihuman.benchmarks.vae_decode import bench_vae_decode, format_decode_results
+
+    sizes = args.clips.split(",")
+    print(format_decode_results(bench_vae_decode(device, sizes, args.latent_frames), device))
+    return 0
+
+
+BENCH_TARGETS = {"fp8": _bench_fp8, "dit": _bench_dit, "vae": _bench_vae}
 
 
 def _default_models_dir() -> Path | None:
