@@ -110,7 +110,9 @@ def _add_bench(subparsers) -> None:
         "forward (FP8 vs bf16 block linears; step time, weights and peak memory) at the token counts of "
         "5-second clips at 256p, 540p and 1080p; the full 15.3B model with random weights on a GPU, a "
         "reduced-width stand-in on CPU. vae: Turbo VAE and Wan2.2 VAE decode time and peak memory (real "
-        "architectures, random weights) at those sizes.",
+        "architectures, random weights) at those sizes. load: DiT load time against a raw read of the same "
+        "bytes, and the loader's peak host memory, on a synthetic FP8 checkpoint in the published layout "
+        "(real layer widths; all 40 layers on a GPU, 4 on CPU).",
     )
     parser.add_argument("target", choices=sorted(BENCH_TARGETS), help="what to measure")
     parser.add_argument(
@@ -140,6 +142,14 @@ def _add_bench(subparsers) -> None:
         default=None,
         metavar="N",
         help="vae: latent frames per clip (default: 32 = 5 s on GPU, 2 on CPU)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="load: DiT layers in the synthetic checkpoint (default: 40 on GPU, 4 on CPU; ~0.27 GB each, "
+        "~0.77 GB for the first and last)",
     )
     parser.add_argument(
         "--convert-scale",
@@ -202,7 +212,17 @@ def _bench_vae(args, device) -> int:
     return 0
 
 
-BENCH_TARGETS = {"fp8": _bench_fp8, "dit": _bench_dit, "vae": _bench_vae}
+def _bench_load(args, device) -> int:
+    import tempfile
+
+    from magihuman.benchmarks.dit_load import bench_dit_load
+
+    with tempfile.TemporaryDirectory(prefix="magihuman-bench-") as workdir:
+        print(bench_dit_load(Path(workdir), device, args.layers))
+    return 0
+
+
+BENCH_TARGETS = {"fp8": _bench_fp8, "dit": _bench_dit, "vae": _bench_vae, "load": _bench_load}
 
 
 def _default_models_dir() -> Path | None:
