@@ -1,6 +1,8 @@
 """What the loader nodes offer: model files and sharded model folders found in ComfyUI's model folders
 (sharded checkpoints appear as one "folder/" entry), and turning a choice back into a path."""
 
+import os
+from fnmatch import fnmatch
 from pathlib import Path
 
 import folder_paths
@@ -14,11 +16,13 @@ def _roots(folder: str) -> list[Path]:
 
 
 def _folders_with(folder: str, pattern: str) -> list[str]:
-    """Subfolders (any depth) holding a file matching ``pattern``, as "relative/path/"."""
+    """Subfolders (any depth) holding a file matching ``pattern``, as "relative/path/". Symlinked folders
+    are followed (people link model folders from other drives), as ComfyUI's own file lists do."""
     found = set()
     for root in _roots(folder):
-        for match in root.rglob(pattern):
-            found.add(match.parent.relative_to(root).as_posix() + "/")
+        for directory, _, files in os.walk(root, followlinks=True):
+            if any(fnmatch(name, pattern) for name in files):
+                found.add(Path(directory).relative_to(root).as_posix() + "/")
     return sorted(found)
 
 

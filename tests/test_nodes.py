@@ -96,6 +96,18 @@ def test_loader_choices_list_sharded_folders_and_files(comfy):
     assert text["text_encoder"].options == ["t5gemma-9b-9b-ul2/"]
 
 
+def test_a_symlinked_model_folder_is_one_choice_not_its_shards(comfy, tmp_path):
+    (tmp_path / "linked_fp8").symlink_to(comfy.models / "diffusion_models" / "distill_fp8")
+    paths = comfy.folder_paths.folder_names_and_paths["diffusion_models"][0]
+    paths.append(str(tmp_path))
+    try:
+        options = {i.id: i for i in node(comfy, "DiTLoader").define_schema().inputs}["model"].options
+    finally:
+        paths.remove(str(tmp_path))
+    assert "linked_fp8/" in options
+    assert not [o for o in options if o.startswith("linked_fp8/model-")]
+
+
 def test_text_to_video_then_super_resolution_then_decode(comfy, stack):
     comfy.utils.bars.clear()
     latent = sample(comfy, stack)
