@@ -1,0 +1,149 @@
+"""The pack inside a real ComfyUI: imported as a custom node, listed in /object_info, every example workflow
+converted and validated by the server, one run end to end on the tiny demo models, and an interrupt.
+
+Runs when COMFYUI_DIR names a ComfyUI checkout (set up as in tests/COMFYUI.md; COMFYUI_PYTHON names its
+Python, default: this one); skipped otherwise. The server lives in a temporary home with its own models,
+input and output folders, so the checkout is never written to.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from comfyui_server import ComfyServer, PromptRejected, write_home
+from conftest import ROOT
+from magihuman.pipeline.demo import build_models
+from magihuman.pipeline.media import write_wav
+from PIL import Image
+from ui_to_api import to_api
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (tests/COMFYUI.md)"),
+]
+
+NODE_IDS = {
+    "MagiHumanDiTLoader",
+    "MagiHumanVAELoader",
+    "MagiHumanAudioVAELoader",
+    "MagiHumanTextEncoderLoader",
+    "MagiHumanTextEncode",
+    "MagiHumanDistillSampler",
+    "MagiHumanBaseSampler",
+    "MagiHumanSuperResolution",
+    "MagiHumanDecode",
+}
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+# Loader inputs that name model files: with real weights absent, the only acceptable validation failures.
+MODEL_INPUTS = {"model", "text_encoder", "turbo_vae", "wan_vae", "audio_vae"}
+SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("comfyui_home")
+    models = build_models(home / "models")
+    diffusion = models / "diffusion_models"
+    for alias, source in (("base_fp8", "distill_fp8"), ("1080p_sr_fp8", "540p_sr_fp8")):
+        (diffusion / alias).symlink_to(diffusion / source, target_is_directory=True)
+    write_home(home, ROOT, models)
+    # The user files the image and lip-sync workflows load.
+    Image.new("RGB", (160, 90), (200, 120, 80)).save(home / "input" / "example.png")
+    t = torch.arange(44100) / 44100
+    write_wav(
+        home / "input" / "example.wav",
+        {"waveform": torch.sin(2 * torch.pi * 220 * t).expand(1, 2, -1), "sample_rate": 44100},
+    )
+    comfy = ComfyServer(Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", "python"), home)
+    try:
+        comfy.wait_ready()
+        yield comfy
+    finally:
+        comfy.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def api_prompt(object_info, name: str, **sampler) -> dict:
+    prompt = to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), object_info)
+    for node in prompt.values():
+        if node["class_type"] == "MagiHumanDistillSampler":
+            node["inputs"].update(SMALL | sampler)
+    return prompt
+
+
+def test_the_pack_imports_without_errors(server):
+    log = server.log_text()
+    imported = [line for line in log.splitlines() if line.rstrip().endswith("ComfyUI-MagiHuman")]
+    assert imported and not any("IMPORT FAILED" in line for line in imported), log[-4000:]
+    assert "Cannot import" not in log, log[-4000:]
+
+
+def test_every_node_is_listed_under_the_magihuman_category(object_info):
+    ours = {name for name, info in object_info.items() if info["category"].startswith("MagiHuman")}
+    assert ours == NODE_IDS
+    assert object_info["MagiHumanDecode"]["output"] == ["IMAGE", "AUDIO", "VIDEO"]
+    assert object_info["MagiHumanDistillSampler"]["output"] == ["MAGIHUMAN_LATENT"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_workflow_converts_and_validates(server, object_info, path):
+    """With every model input pointed at an absent file, the server's only complaints are those inputs:
+    the graph, its links and all other widget values are valid."""
+    prompt = to_api(json.loads(path.read_text()), object_info)
+    renamed = set()
+    for node_id, node in prompt.items():
+        for name in MODEL_INPUTS & node["inputs"].keys():
+            if isinstance(node["inputs"][name], str) and node["inputs"][name] != "none":  # not a link
+                node["inputs"][name] = "absent-" + node["inputs"][name]
+                renamed.add((node_id, name))
+    with pytest.raises(PromptRejected) as rejected:
+        server.queue(prompt)
+    errors = [
+        (node_id, error)
+        for node_id, node in rejected.value.body["node_errors"].items()
+        for error in node["errors"]
+    ]
+    assert all(error["type"] == "value_not_in_list" for _, error in errors), errors
+    assert {(node_id, error["extra_info"]["input_name"]) for node_id, error in errors} == renamed
+
+
+def test_t2v_distill_runs_end_to_end_and_saves_an_mp4_with_sound(server, object_info):
+    entry = server.wait(server.queue(api_prompt(object_info, "t2v_distill")))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
+    assert len(saved) == 1 and saved[0]["filename"].endswith(".mp4")
+    video = server.output / saved[0]["subfolder"] / saved[0]["filename"]
+    with av.open(str(video)) as container:
+        assert len(container.streams.video) == 1 and len(container.streams.audio) == 1
+        assert container.streams.video[0].frames == 25  # 0.96 s at 25 fps: 24 + 1 frames
+        assert container.streams.audio[0].channels == 2
+        assert container.streams.audio[0].rate == 44100
+
+
+def test_an_interrupt_during_sampling_stops_the_run_and_the_next_run_succeeds(server, object_info):
+    # The loaders and the prompt are cached from the run above: only the sampler, decoder and save re-run,
+    # and the sampler is the long part.
+    server.wait(server.queue(api_prompt(object_info, "t2v_distill")))
+    long_run = api_prompt(object_info, "t2v_distill", seconds=4.0, width=448, height=256, steps=1000, seed=7)
+    prompt_id = server.queue(long_run)
+    deadline = time.monotonic() + 60
+    while not server.running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    server.post("/interrupt")
+    entry = server.wait(prompt_id, timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    messages = dict(entry["status"]["messages"])
+    assert messages["execution_interrupted"]["node_type"] == "MagiHumanDistillSampler", messages
+
+    again = server.wait(server.queue(api_prompt(object_info, "t2v_distill", seed=8)))
+    assert again["status"]["status_str"] == "success", again["status"]
