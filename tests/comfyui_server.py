@@ -67,9 +67,12 @@ class ComfyServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def get(self, path: str) -> dict:
+    def fetch(self, path: str) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=60) as response:
-            return json.load(response)
+            return response.read()
+
+    def get(self, path: str) -> dict:
+        return json.loads(self.fetch(path))
 
     def post(self, path: str, body: dict | None = None) -> dict:
         request = urllib.request.Request(

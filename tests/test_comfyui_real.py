@@ -94,6 +94,16 @@ def test_every_node_is_listed_under_the_magihuman_category(object_info):
     assert object_info["MagiHumanDistillSampler"]["output"] == ["MAGIHUMAN_LATENT"]
 
 
+def test_the_workflows_are_in_the_templates_browser_with_their_pictures(server):
+    templates = server.get("/api/workflow_templates")
+    assert sorted(templates["ComfyUI-MagiHuman"]) == [p.stem for p in WORKFLOWS]
+    for path in WORKFLOWS:
+        served = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{path.name}")
+        assert json.loads(served) == json.loads(path.read_text())
+        picture = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{path.stem}.jpg")
+        assert picture == path.with_suffix(".jpg").read_bytes()
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_every_workflow_converts_and_validates(server, object_info, path):
     """With every model input pointed at an absent file, the server's only complaints are those inputs:
