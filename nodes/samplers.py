@@ -17,6 +17,10 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 BYTES_PER_TOKEN = 170_000  # peak activations of one full-size DiT forward per token (bf16 MLP, fp32 residual)
 
 
+def guidance_scale(name: str, default: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=1.0, max=20.0, step=0.1, tooltip=tooltip)
+
+
 def common_inputs(steps: int) -> list:
     return [
         DIT.Input("dit", tooltip="From MagiHuman DiT Loader."),
@@ -106,21 +110,15 @@ class BaseSampler(io.ComfyNode):
             "video and audio guided separately. Use with the base DiT.",
             inputs=common_inputs(DEFAULT_STEPS["base"])
             + [
-                io.Float.Input(
+                guidance_scale(
                     "video_cfg",
-                    default=5.0,
-                    min=1.0,
-                    max=20.0,
-                    step=0.1,
-                    tooltip="Video guidance scale while the timestep is above the switch (official 5).",
+                    5.0,
+                    "Video guidance scale while the timestep is above the switch (official 5).",
                 ),
-                io.Float.Input(
+                guidance_scale(
                     "video_cfg_late",
-                    default=2.0,
-                    min=1.0,
-                    max=20.0,
-                    step=0.1,
-                    tooltip="Video guidance scale once the timestep is at or below the switch (official 2).",
+                    2.0,
+                    "Video guidance scale once the timestep is at or below the switch (official 2).",
                 ),
                 io.Int.Input(
                     "cfg_switch_t",
@@ -129,14 +127,7 @@ class BaseSampler(io.ComfyNode):
                     max=1000,
                     tooltip="Timestep (of 1000) at which the video scale drops (official 500).",
                 ),
-                io.Float.Input(
-                    "audio_cfg",
-                    default=5.0,
-                    min=1.0,
-                    max=20.0,
-                    step=0.1,
-                    tooltip="Audio guidance scale, all steps (official 5).",
-                ),
+                guidance_scale("audio_cfg", 5.0, "Audio guidance scale, all steps (official 5)."),
                 io.Combo.Input(
                     "batch_cfg",
                     options=["auto", "batched", "sequential"],

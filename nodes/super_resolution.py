@@ -11,7 +11,7 @@ from ..pipeline.scheduler import DEFAULT_SHIFT
 from ..pipeline.sizes import clip_size
 from ..pipeline.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance
 from .progress import sampling_hooks
-from .samplers import MAX_SEED, conditioning_latents
+from .samplers import MAX_SEED, conditioning_latents, guidance_scale
 from .types import CONDITIONING, DIT, LATENT, VIDEO_VAE
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,8 @@ class SuperResolution(io.ComfyNode):
                     step=0.05,
                     tooltip="Noise share of the audio the SR model hears (official 0.7).",
                 ),
-                io.Float.Input(
-                    "sr_cfg",
-                    default=1.0,
-                    min=1.0,
-                    max=20.0,
-                    step=0.1,
-                    tooltip="SR guidance scale; 1 = off as shipped (the official alternative is 3.5).",
+                guidance_scale(
+                    "sr_cfg", 1.0, "SR guidance scale; 1 = off as shipped (the official alternative is 3.5)."
                 ),
                 io.Int.Input(
                     "cfg_trick_frames",
@@ -97,13 +92,8 @@ class SuperResolution(io.ComfyNode):
                     max=1000,
                     tooltip="With guidance: the first latent frames get a capped scale (less over-exposure).",
                 ),
-                io.Float.Input(
-                    "cfg_trick_value",
-                    default=2.0,
-                    min=1.0,
-                    max=20.0,
-                    step=0.1,
-                    tooltip="With guidance: the cap on those frames (official 2.0).",
+                guidance_scale(
+                    "cfg_trick_value", 2.0, "With guidance: the cap on those frames (official 2.0)."
                 ),
                 VIDEO_VAE.Input(
                     "vae",
