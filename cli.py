@@ -101,6 +101,43 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _add_convert_pickle(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert-pickle",
+        help="rewrite a refused .pth/.ckpt as .safetensors (runs its code: trusted files only)",
+        description="The loaders read .pth/.ckpt files with torch.load(weights_only=True) and refuse files "
+        "that carry Python objects other than tensors, since unpickling those can run code. If you trust "
+        "the file's source, this rewrites it once as a .safetensors of its weights (ema_state_dict, "
+        "state_dict or model when present, else the top level), which the loaders then read instead. "
+        "WARNING: this loads the file with full unpickling, which executes any code it contains.",
+    )
+    parser.add_argument("--input", required=True, type=Path, help="the .pth or .ckpt file")
+    parser.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="the .safetensors to write; for a Turbo VAE put it in the turbo_vae/ folder (it is then "
+        "preferred over the .ckpt)",
+    )
+    parser.set_defaults(run=_run_convert_pickle)
+
+
+def _run_convert_pickle(args) -> int:
+    from magihuman.fp8.checkpoint import CheckpointError
+    from magihuman.pipeline.torch_files import convert_pickle
+
+    if args.output.suffix != ".safetensors":
+        print(f"error: --output must end in .safetensors, got {args.output}", file=sys.stderr)
+        return 2
+    try:
+        count = convert_pickle(args.input, args.output)
+    except (OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {count} tensors to {args.output}")
+    return 0
+
+
 def _add_bench(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -470,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python cli.py", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<subcommand>")
     _add_convert(subparsers)
+    _add_convert_pickle(subparsers)
     _add_bench(subparsers)
     _add_download(subparsers)
     _add_generate(subparsers)

@@ -5,9 +5,13 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..fp8.checkpoint import CheckpointError, read_header
+
+# Where training checkpoints keep their weights, in order of preference (the Turbo VAE: ema_state_dict).
+STATE_KEYS = ("ema_state_dict", "state_dict", "model")
 
 
 def load_torch_file(path: str | Path) -> dict:
@@ -39,6 +43,22 @@ def load_torch_file(path: str | Path) -> dict:
         raise CheckpointError(
             f"{path}: unreadable or truncated PyTorch file ({e}). Re-download it."
         ) from None
+
+
+def convert_pickle(source: str | Path, output: str | Path) -> int:
+    """Rewrite a ``.pth``/``.ckpt`` that :func:`load_torch_file` refuses as a ``.safetensors`` of its weights
+    (from ``ema_state_dict``, ``state_dict`` or ``model`` when present, else the top level). This *runs* the
+    file's pickled code: only for files from a source the user trusts. Returns the number of tensors."""
+    source, output = Path(source), Path(output)
+    raw = torch.load(source, map_location="cpu", weights_only=False)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a dict of weights, found {type(raw).__name__}")
+    state = next((raw[key] for key in STATE_KEYS if isinstance(raw.get(key), dict)), raw)
+    tensors = {key: value.contiguous() for key, value in state.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{source}: no tensors found (top-level keys: {sorted(raw)[:8]})")
+    save_file(tensors, output)
+    return len(tensors)
 
 
 def assign_weights(

@@ -117,7 +117,7 @@ def test_missing_models_name_the_folder_and_the_download(tmp_path, capsys):
 def test_every_subcommand_has_complete_help():
     parser = load_cli().build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"convert", "bench", "download", "generate", "demo"}
+    assert set(subcommands) == {"convert", "convert-pickle", "bench", "download", "generate", "demo"}
     for name, sub in subcommands.items():
         text = sub.format_help()
         assert sub.description, name

@@ -11,11 +11,11 @@ import os
 
 import pytest
 import torch
-from conftest import FIXTURES, load_tensors
+from conftest import FIXTURES, load_cli, load_tensors
 from magihuman.fp8.checkpoint import CheckpointError
 from magihuman.pipeline.frames import image_to_video_input, to_image, to_uint8
 from magihuman.pipeline.torch_files import load_torch_file
-from magihuman.pipeline.turbo_vae import load_turbo_vae
+from magihuman.pipeline.turbo_vae import load_turbo_vae, turbo_files
 from magihuman.pipeline.wan_vae import decode_tiled, load_wan_vae
 from safetensors.torch import load_file, save_file
 
@@ -120,6 +120,35 @@ def test_a_pickled_callable_is_refused_without_running_it(tmp_path, monkeypatch)
     with pytest.raises(CheckpointError, match="refused to load"):
         load_turbo_vae(TURBO / "config.json", tmp_path / "evil.pth")
     assert not (tmp_path / "pwned-by-pickle").exists()
+
+
+class TrainerState:
+    """A non-tensor object as training checkpoints carry (optimizer or config objects): not weights-only."""
+
+    step = 340000
+
+
+def test_a_refused_checkpoint_converted_once_loads_the_same_weights(tmp_path):
+    weights = load_tensors(TURBO / "weights.safetensors")
+    ema = {"module." + key: tensor for key, tensor in weights.items()}
+    folder = tmp_path / "turbo_vae"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((TURBO / "config.json").read_bytes())
+    ckpt = folder / "checkpoint-340000.ckpt"
+    torch.save({"ema_state_dict": ema, "trainer": TrainerState()}, ckpt)
+    with pytest.raises(CheckpointError, match="refused to load.*convert-pickle"):
+        load_turbo_vae(*turbo_files(folder))
+
+    cli = load_cli()
+    assert (
+        cli.main(["convert-pickle", "--input", str(ckpt), "--output", str(folder / "turbo.safetensors")]) == 0
+    )
+    assert turbo_files(folder)[1].name == "turbo.safetensors"  # preferred over the .ckpt from now on
+    latent = torch.randn(1, 48, 3, 2, 2)
+    assert torch.equal(
+        load_turbo_vae(*turbo_files(folder), dtype=torch.float32).decode(latent), turbo().decode(latent)
+    )
+    assert cli.main(["convert-pickle", "--input", str(ckpt), "--output", str(tmp_path / "x.pth")]) == 2
 
 
 def test_missing_truncated_and_lfs_files_say_which_file(tmp_path):
