@@ -12,7 +12,7 @@ class ModelFile:
     patterns: tuple[str, ...]  # allow-patterns inside the repository
     folder: str  # ComfyUI models folder (folder_paths name)
     path: str  # what appears inside that folder (a file, or a folder for sharded checkpoints)
-    size_gb: float  # download size (decimal GB, from the repository listing)
+    size_gb: float  # download size in decimal GB (repository listing; T5-Gemma's encoder half estimated)
     gated: bool = False  # needs a Hugging Face token and accepted terms
     subdir: str = ""  # extra folder to download into, for repositories whose files have generic names
 
@@ -105,6 +105,6 @@ def missing_file_message(name: str, looked_in: list[str]) -> str:
     gated = " (gated: accept its terms on the website and pass --token)" if entry.gated else ""
     return (
         f"{entry.description} not found: expected '{entry.path}' in the ComfyUI '{entry.folder}' folder "
-        f"(looked in: {', '.join(looked_in) or 'no such folder configured'}). Download it from "
-        f"{entry.source}{gated}, or run: python cli.py download --files {name}"
+        f"(looked in: {', '.join(looked_in) or 'no such folder configured'}). Download it (about "
+        f"{entry.size_gb:g} GB) from {entry.source}{gated}, or run: python cli.py download --files {name}"
     )
