@@ -50,7 +50,11 @@ def convert_pickle(source: str | Path, output: str | Path) -> int:
     (from ``ema_state_dict``, ``state_dict`` or ``model`` when present, else the top level). This *runs* the
     file's pickled code: only for files from a source the user trusts. Returns the number of tensors."""
     source, output = Path(source), Path(output)
-    raw = torch.load(source, map_location="cpu", weights_only=False)
+    try:
+        raw = torch.load(source, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, ImportError, AttributeError, EOFError, RuntimeError) as e:
+        # ImportError/AttributeError: the pickle names classes from code that is not installed here.
+        raise CheckpointError(f"{source}: cannot be read even with full unpickling ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: expected a dict of weights, found {type(raw).__name__}")
     state = next((raw[key] for key in STATE_KEYS if isinstance(raw.get(key), dict)), raw)

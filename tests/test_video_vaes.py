@@ -14,7 +14,7 @@ import torch
 from conftest import FIXTURES, load_cli, load_tensors
 from magihuman.fp8.checkpoint import CheckpointError
 from magihuman.pipeline.frames import image_to_video_input, to_image, to_uint8
-from magihuman.pipeline.torch_files import load_torch_file
+from magihuman.pipeline.torch_files import convert_pickle, load_torch_file
 from magihuman.pipeline.turbo_vae import load_turbo_vae, turbo_files
 from magihuman.pipeline.wan_vae import decode_tiled, load_wan_vae
 from safetensors.torch import load_file, save_file
@@ -149,6 +149,9 @@ def test_a_refused_checkpoint_converted_once_loads_the_same_weights(tmp_path):
         load_turbo_vae(*turbo_files(folder), dtype=torch.float32).decode(latent), turbo().decode(latent)
     )
     assert cli.main(["convert-pickle", "--input", str(ckpt), "--output", str(tmp_path / "x.pth")]) == 2
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.ckpt: cannot be read"):
+        convert_pickle(tmp_path / "garbage.ckpt", tmp_path / "x.safetensors")
 
 
 def test_missing_truncated_and_lfs_files_say_which_file(tmp_path):
