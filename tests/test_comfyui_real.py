@@ -41,7 +41,9 @@ NODE_IDS = {
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 # Loader inputs that name model files: with real weights absent, the only acceptable validation failures.
 MODEL_INPUTS = {"model", "text_encoder", "turbo_vae", "wan_vae", "audio_vae"}
+# Small settings so a run takes seconds on CPU: base stage 64x64 for 0.96 s (25 frames), SR to 128x96.
 SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2}
+SMALL_SR = {"target": "custom", "width": 128, "height": 96, "steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,10 @@ def object_info(server):
 def api_prompt(object_info, name: str, **sampler) -> dict:
     prompt = to_api(json.loads((ROOT / "workflows" / f"{name}.json").read_text()), object_info)
     for node in prompt.values():
-        if node["class_type"] == "MagiHumanDistillSampler":
+        if node["class_type"] in ("MagiHumanDistillSampler", "MagiHumanBaseSampler"):
             node["inputs"].update(SMALL | sampler)
+        elif node["class_type"] == "MagiHumanSuperResolution":
+            node["inputs"].update(SMALL_SR)
     return prompt
 
 
@@ -126,8 +130,9 @@ def test_every_workflow_converts_and_validates(server, object_info, path):
     assert {(node_id, error["extra_info"]["input_name"]) for node_id, error in errors} == renamed
 
 
-def test_t2v_distill_runs_end_to_end_and_saves_an_mp4_with_sound(server, object_info):
-    entry = server.wait(server.queue(api_prompt(object_info, "t2v_distill")))
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_workflow_runs_end_to_end_and_saves_an_mp4_with_sound(server, object_info, path):
+    entry = server.wait(server.queue(api_prompt(object_info, path.stem)))
     assert entry["status"]["status_str"] == "success", entry["status"]
     saved = [item for output in entry["outputs"].values() for item in output.get("images", [])]
     assert len(saved) == 1 and saved[0]["filename"].endswith(".mp4")
@@ -140,8 +145,8 @@ def test_t2v_distill_runs_end_to_end_and_saves_an_mp4_with_sound(server, object_
 
 
 def test_an_interrupt_during_sampling_stops_the_run_and_the_next_run_succeeds(server, object_info):
-    # The loaders and the prompt are cached from the run above: only the sampler, decoder and save re-run,
-    # and the sampler is the long part.
+    # After this first run the loaders and the prompt are cached: in the long run only the sampler, decoder
+    # and save execute, and the sampler is the long part.
     server.wait(server.queue(api_prompt(object_info, "t2v_distill")))
     long_run = api_prompt(object_info, "t2v_distill", seconds=4.0, width=448, height=256, steps=1000, seed=7)
     prompt_id = server.queue(long_run)
