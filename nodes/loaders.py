@@ -13,7 +13,7 @@ from ..pipeline.precision import vae_dtype
 from ..pipeline.text_encoder import load_text_encoder
 from ..pipeline.turbo_vae import load_turbo_vae, turbo_files
 from ..pipeline.wan_vae import load_wan_vae
-from .memory import Managed, module_bytes
+from .memory import Managed
 from .model_lists import (
     dit_choices,
     preferred,
@@ -85,7 +85,7 @@ class DiTLoader(io.ComfyNode):
         device = mm.get_torch_device()
         mm.free_memory(sum(f.stat().st_size for f in _files(path)), device)
         dit, report = load_dit(path, variant, compute, device, attention, swap_layers=swap_layers)
-        managed = Managed(dit, resident_bytes=module_bytes(dit, device))
+        managed = Managed(dit, dit.block_swap.resident(dit) if swap_layers else None)
         description = (
             f"{model} ({report.variant}, {report.convention}, {report.linear}, {report.seconds:.0f} s)"
         )

@@ -17,19 +17,25 @@ def module_bytes(module: nn.Module, device: torch.device | None = None) -> int:
 
 
 class Managed:
-    """A model the nodes share, registered with ComfyUI; ``use()`` returns it on the compute device."""
+    """A model the nodes share, registered with ComfyUI; ``use()`` returns it on the compute device.
 
-    def __init__(self, model: nn.Module, resident_bytes: int | None = None):
+    ``moved`` is what ComfyUI may move between devices (default: the whole model); with block swap it is
+    everything but the swapped layers, which stay in system memory and are streamed in by the block swap."""
+
+    def __init__(self, model: nn.Module, moved: nn.Module | None = None):
         self.model = model
+        moved = model if moved is None else moved
         self.patcher = ModelPatcher(
-            model,
+            moved,
             load_device=mm.get_torch_device(),
             offload_device=mm.unet_offload_device(),
-            size=resident_bytes if resident_bytes is not None else module_bytes(model),
+            size=module_bytes(moved),
         )
 
     def use(self) -> nn.Module:
-        mm.load_models_gpu([self.patcher])
+        # Whole or not at all: ComfyUI's low-VRAM partial load leaves weights in system memory for layers
+        # that cast them on the fly, which ours do not. Block swap is this pack's low-memory path.
+        mm.load_models_gpu([self.patcher], force_full_load=True)
         return self.model
 
 

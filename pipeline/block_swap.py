@@ -89,6 +89,20 @@ class BlockSwap:
         for owner, name, is_parameter, tensor in self.stored[index]:
             _set(owner, name, is_parameter, tensor)
 
+    def resident(self, model: nn.Module) -> nn.ModuleList:
+        """The parts of ``model`` outside the swapped layers, for a host that moves models between devices
+        itself (ComfyUI): moving the whole model would bring the swapped layers to the device too."""
+        swapped = {id(layer) for layer in self.layers}
+
+        def outside(module: nn.Module) -> list[nn.Module]:
+            if id(module) in swapped:
+                return []
+            if not any(id(m) in swapped for m in module.modules()):
+                return [module]
+            return [part for child in module.children() for part in outside(child)]
+
+        return nn.ModuleList(outside(model))
+
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()

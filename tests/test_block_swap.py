@@ -51,6 +51,17 @@ def test_loader_places_swapped_layers_in_cpu_memory_directly(sample):
         assert torch.equal(a, b)
 
 
+def test_resident_part_is_everything_but_the_swapped_layers():
+    model, _ = load_dit(FIXTURES / "dit_tiny_weights", "base", swap_layers=2)
+
+    def tensors(*modules):
+        return {id(t) for module in modules for t in [*module.parameters(), *module.buffers()]}
+
+    resident = tensors(model.block_swap.resident(model))
+    swapped = tensors(*model.block_swap.layers)
+    assert resident | swapped == tensors(model) and not resident & swapped
+
+
 def test_count_is_checked():
     model, _ = load_dit(FIXTURES / "dit_tiny_weights", "base")
     for count in (0, 7):

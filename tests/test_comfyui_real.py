@@ -144,6 +144,15 @@ def test_every_workflow_runs_end_to_end_and_saves_an_mp4_with_sound(server, obje
         assert container.streams.audio[0].rate == 44100
 
 
+def test_block_swap_runs_under_comfyui_memory_management(server, object_info):
+    """With swap_layers, ComfyUI's ModelPatcher holds only the resident part of the DiT (a module list)."""
+    prompt = api_prompt(object_info, "t2v_distill", seed=3)
+    loader = next(node for node in prompt.values() if node["class_type"] == "MagiHumanDiTLoader")
+    loader["inputs"]["swap_layers"] = 2
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+
 def test_an_interrupt_during_sampling_stops_the_run_and_the_next_run_succeeds(server, object_info):
     # After this first run the loaders and the prompt are cached: in the long run only the sampler, decoder
     # and save execute, and the sampler is the long part.
