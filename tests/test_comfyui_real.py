@@ -1,9 +1,10 @@
-"""The pack inside a real ComfyUI: imported as a custom node, listed in /object_info, every example workflow
-converted and validated by the server, one run end to end on the tiny demo models, and an interrupt.
+"""The pack inside a real ComfyUI: imported as a custom node, listed in /object_info, its workflows in the
+Templates browser, every workflow converted, validated and run end to end on the tiny demo models, block swap
+under ComfyUI's memory management, and an interrupt.
 
-Runs when COMFYUI_DIR names a ComfyUI checkout (set up as in tests/COMFYUI.md; COMFYUI_PYTHON names its
-Python, default: this one); skipped otherwise. The server lives in a temporary home with its own models,
-input and output folders, so the checkout is never written to.
+Runs when COMFYUI_DIR names a ComfyUI checkout (set up as in tests/COMFYUI.md; COMFYUI_PYTHON names the
+Python that runs the server, default: `python` on PATH); skipped otherwise. The server lives in a temporary
+home with its own models, input and output folders, so the checkout is never written to.
 """
 
 import json
