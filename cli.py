@@ -341,9 +341,6 @@ def _run_download(args) -> int:
     return 0
 
 
-SR_SIZES = {"540p": (896, 512), "1080p": (1920, 1088)}
-
-
 def _progress():
     """A tqdm bar per sampling stage (one step per model call round)."""
     from tqdm import tqdm
@@ -419,10 +416,12 @@ def _sr_model(size: tuple[int, int] | None) -> str | None:
 
 
 def _sr_size(text: str | None) -> tuple[int, int] | None:
+    from magihuman.pipeline.sizes import SR_TARGETS
+
     if text is None:
         return None
-    if text in SR_SIZES:
-        return SR_SIZES[text]
+    if text in SR_TARGETS:
+        return SR_TARGETS[text]
     width, _, height = text.partition("x")
     if not (width.isdigit() and height.isdigit()):
         raise ValueError(f"--sr must be 540p, 1080p or WIDTHxHEIGHT, got {text!r}")

@@ -6,7 +6,6 @@ On a GPU the real 15.3B architecture runs; on CPU a reduced-width model (same de
 
 import dataclasses
 import functools
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,12 +18,14 @@ from ..pipeline.config import PRESETS, DiTConfig, swiglu7_width
 from ..pipeline.dit import MagiDiT
 from ..pipeline.linear import Bf16Linear
 from ..pipeline.rope import default_bands
-from .fp8_linear import describe_device
+from ..pipeline.sizes import BASE_SIZE, SR_TARGETS
+from .device import describe_device, peak_gib
 
 SECONDS = 5
 TEXT_TOKENS = 200
 # (name, width, height, DiT preset): the base stage at 256p and the two super-resolution targets.
-CLIPS = (("256p", 448, 256, "distill"), ("540p", 896, 512, "sr_540p"), ("1080p", 1920, 1088, "sr_1080p"))
+CLIPS = (("256p", *BASE_SIZE, "distill"), ("540p", *SR_TARGETS["540p"], "sr_540p"),
+         ("1080p", *SR_TARGETS["1080p"], "sr_1080p"))  # fmt: skip
 
 
 def reduced(config: DiTConfig) -> DiTConfig:
@@ -87,12 +88,6 @@ class ForwardResult:
     peak_gib: float  # during the forward (GPU: allocator peak; CPU: process max RSS)
 
 
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def bench_dit_forward(device: torch.device, clips: list[str], repeats: int) -> list[ForwardResult]:
     on_gpu = device.type == "cuda"
     results = []
@@ -119,7 +114,7 @@ def bench_dit_forward(device: torch.device, clips: list[str], repeats: int) -> l
             tokens = sample[0].shape[2] * sample[0].shape[3] * sample[0].shape[4] // 4
             tokens += sample[1].shape[1] + TEXT_TOKENS
             results.append(
-                ForwardResult(name, linear, tokens, statistics.median(times), resident, _peak_gib(device))
+                ForwardResult(name, linear, tokens, statistics.median(times), resident, peak_gib(device))
             )
             del model, sample
     return results

@@ -36,8 +36,8 @@ _bootstrap.load()
 import torch
 from magihuman.pipeline.loading import load_dit
 
-def rss(field):
-    return int(open("/proc/self/status").read().split(field + ":")[1].split("kB")[0]) * 1024
+def peak_rss():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split("kB")[0]) * 1024
 
 buffer = bytearray(64 * 2**20)
 start = time.perf_counter()
@@ -46,13 +46,13 @@ for shard in sorted(folder.glob("*.safetensors")):
         while f.readinto(buffer):
             pass
 raw = time.perf_counter() - start
-baseline = rss("VmHWM")
+baseline = peak_rss()
 model, report = load_dit(folder, "distill", device=device)
 if device.startswith("cuda"):
     torch.cuda.synchronize()
 resident = sum(t.nbytes for t in model.state_dict().values() if t.device.type == "cpu")
 print(json.dumps({"raw": raw, "load": report.seconds, "bytes": report.bytes_read, "baseline": baseline,
-                  "peak": rss("VmHWM"), "host_model": resident, "linear": report.linear}))
+                  "peak": peak_rss(), "host_model": resident, "linear": report.linear}))
 """
 
 

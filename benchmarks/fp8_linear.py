@@ -1,6 +1,5 @@
 """FP8 linear vs bf16 linear at the MagiHuman DiT's GEMM shapes: time, TFLOP/s and speed-up in one run."""
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from ..fp8.capability import DEQUANTIZE, FP8_MATMUL, dequantize_compute_dtype, supports_fp8_matmul
 from ..fp8.linear import Fp8Linear
 from ..fp8.quantize import quantize
+from .device import describe_device
 
 # (N, K, name) of one expert's weight; the sandwich layers run the same shapes once per modality group.
 DIT_SHAPES = (
@@ -81,19 +81,6 @@ def bench_fp8_linear(device: torch.device, tokens: list[int], repeats: int) -> l
             del x
         del modules, fp8, bf16_weight
     return results
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}), torch {torch.__version__}"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def format_linear_results(results: list[LinearResult], device: torch.device) -> str:

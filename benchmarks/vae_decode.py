@@ -1,18 +1,18 @@
 """Video decode time and peak memory of a 5-second clip with the Turbo VAE and the Wan2.2 VAE: the real
 architectures with random weights (speed does not depend on the values); on CPU a few latent frames only."""
 
-import resource
 import time
 from dataclasses import dataclass
 
 import torch
 
 from ..pipeline.precision import vae_dtype
+from ..pipeline.sizes import BASE_SIZE, SR_TARGETS
 from ..pipeline.turbo_vae import TurboConfig, TurboVAEDecoder
 from ..pipeline.wan_vae import WanVAE
-from .fp8_linear import describe_device
+from .device import describe_device, peak_gib
 
-SIZES = {"256p": (448, 256), "540p": (896, 512), "1080p": (1920, 1088)}
+SIZES = {"256p": BASE_SIZE, **SR_TARGETS}
 FULL_CLIP_LATENTS = 32  # 5 s at 25 fps: 126 frames -> 32 latent frames
 
 
@@ -23,12 +23,6 @@ class DecodeResult:
     latent_frames: int
     seconds: float
     peak_gib: float
-
-
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def bench_vae_decode(device: torch.device, sizes: list[str], latent_frames: int | None) -> list[DecodeResult]:
@@ -53,7 +47,7 @@ def bench_vae_decode(device: torch.device, sizes: list[str], latent_frames: int 
                 model.decode(latent, **options)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            results.append(DecodeResult(name, size, frames, time.perf_counter() - start, _peak_gib(device)))
+            results.append(DecodeResult(name, size, frames, time.perf_counter() - start, peak_gib(device)))
         del model
     return results
 

@@ -8,14 +8,13 @@ from comfy_api.latest import io
 
 from ..pipeline.generate import DEFAULT_STEPS, generate_sr
 from ..pipeline.scheduler import DEFAULT_SHIFT
-from ..pipeline.sizes import clip_size
+from ..pipeline.sizes import SR_TARGETS, clip_size
 from ..pipeline.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance
 from .progress import sampling_hooks
 from .samplers import MAX_SEED, conditioning_latents, guidance_scale
 from .types import CONDITIONING, DIT, LATENT, VIDEO_VAE
 
 log = logging.getLogger(__name__)
-TARGETS = {"540p": (896, 512), "1080p": (1920, 1088)}
 
 
 class SuperResolution(io.ComfyNode):
@@ -33,7 +32,7 @@ class SuperResolution(io.ComfyNode):
                 CONDITIONING.Input("conditioning", tooltip="The same conditioning as the base stage."),
                 io.Combo.Input(
                     "target",
-                    options=[*TARGETS, "custom"],
+                    options=[*SR_TARGETS, "custom"],
                     default="540p",
                     tooltip="540p = 896x512, 1080p = 1920x1088 (use the 1080p SR DiT), or custom.",
                 ),
@@ -112,7 +111,7 @@ class SuperResolution(io.ComfyNode):
                 f"sr_dit is the '{sr_dit.variant}' DiT; super-resolution needs an SR DiT (540p_sr_fp8/ or "
                 "1080p_sr_fp8/), loaded with variant auto, sr_540p or sr_1080p"
             )
-        width, height = TARGETS.get(target, (width, height))
+        width, height = SR_TARGETS.get(target, (width, height))
         if target == "1080p" and sr_dit.variant != "sr_1080p":
             log.warning(
                 "1080p super-resolution with the %s DiT: the 1080p SR DiT is made for it", sr_dit.variant

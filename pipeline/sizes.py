@@ -14,6 +14,9 @@ SNAP = 32  # latent sides must be even (the DiT packs 2x2 patches): pixel sides 
 MIN_SIDE, MAX_SIDE = 64, 4096
 MAX_SECONDS = 60.0
 MAX_STEPS = 1000
+# The official sizes (width, height): the base stage and the two super-resolution targets.
+BASE_SIZE = (448, 256)
+SR_TARGETS = {"540p": (896, 512), "1080p": (1920, 1088)}
 
 
 @dataclass(frozen=True)
