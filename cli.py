@@ -124,7 +124,7 @@ def _add_convert_pickle(subparsers) -> None:
 
 def _run_convert_pickle(args) -> int:
     from magihuman.fp8.checkpoint import CheckpointError
-    from magihuman.pipeline.torch_files import convert_pickle
+    from magihuman.pipeline.weights.torch_files import convert_pickle
 
     if args.output.suffix != ".safetensors":
         print(f"error: --output must end in .safetensors, got {args.output}", file=sys.stderr)
@@ -312,7 +312,7 @@ def _add_download(subparsers) -> None:
 
 
 def _run_download(args) -> int:
-    from magihuman.pipeline.download import DownloadError, fetch, files_for, plan, resolve
+    from magihuman.pipeline.weights.download import DownloadError, fetch, files_for, plan, resolve
 
     if args.models_dir is None:
         print(
@@ -416,7 +416,7 @@ def _sr_model(size: tuple[int, int] | None) -> str | None:
 
 
 def _sr_size(text: str | None) -> tuple[int, int] | None:
-    from magihuman.pipeline.sizes import SR_TARGETS
+    from magihuman.pipeline.sampling.sizes import SR_TARGETS
 
     if text is None:
         return None
@@ -431,8 +431,8 @@ def _sr_size(text: str | None) -> tuple[int, int] | None:
 def _run_generate(args) -> int:
     import torch
     from magihuman.fp8.checkpoint import CheckpointError
+    from magihuman.pipeline.codecs.text_encoder import NEGATIVE_PROMPT
     from magihuman.pipeline.runner import ModelPaths, Request, run
-    from magihuman.pipeline.text_encoder import NEGATIVE_PROMPT
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:

@@ -14,11 +14,11 @@ import torch
 
 from ..fp8.linear import Fp8Linear
 from ..fp8.quantize import quantize
-from ..pipeline.config import PRESETS, DiTConfig, swiglu7_width
-from ..pipeline.dit import MagiDiT
-from ..pipeline.linear import Bf16Linear
-from ..pipeline.rope import default_bands
-from ..pipeline.sizes import BASE_SIZE, SR_TARGETS
+from ..pipeline.dit.config import PRESETS, DiTConfig, swiglu7_width
+from ..pipeline.dit.linear import Bf16Linear
+from ..pipeline.dit.model import MagiDiT
+from ..pipeline.dit.rope import default_bands
+from ..pipeline.sampling.sizes import BASE_SIZE, SR_TARGETS
 from .device import describe_device, peak_gib
 
 SECONDS = 5

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..fp8.writer import SafetensorsWriter
-from ..pipeline.config import PRESETS, DiTConfig
-from ..pipeline.loading import BLOCK_LINEAR
+from ..pipeline.dit.config import PRESETS, DiTConfig
+from ..pipeline.dit.loading import BLOCK_LINEAR
 
 SHARD_BYTES = 10**9  # shard boundaries fall between layers, like the published folders
 LAYER = re.compile(r"block\.layers\.(\d+)\.")
@@ -34,7 +34,7 @@ sys.path.insert(0, root)
 import _bootstrap
 _bootstrap.load()
 import torch
-from magihuman.pipeline.loading import load_dit
+from magihuman.pipeline.dit.loading import load_dit
 
 def peak_rss():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split("kB")[0]) * 1024

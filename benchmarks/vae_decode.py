@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..pipeline.codecs.turbo_vae import TurboConfig, TurboVAEDecoder
+from ..pipeline.codecs.wan_vae import WanVAE
 from ..pipeline.precision import vae_dtype
-from ..pipeline.sizes import BASE_SIZE, SR_TARGETS
-from ..pipeline.turbo_vae import TurboConfig, TurboVAEDecoder
-from ..pipeline.wan_vae import WanVAE
+from ..pipeline.sampling.sizes import BASE_SIZE, SR_TARGETS
 from .device import describe_device, peak_gib
 
 SIZES = {"256p": BASE_SIZE, **SR_TARGETS}

@@ -3,7 +3,7 @@ image and optional driving audio (both encoded later, by the samplers, at each s
 
 from comfy_api.latest import io
 
-from ..pipeline.text_encoder import NEGATIVE_PROMPT
+from ..pipeline.codecs.text_encoder import NEGATIVE_PROMPT
 from .memory import module_bytes, on_device
 from .types import CONDITIONING, TEXT_ENCODER, LoadedTextEncoder, MagiConditioning
 

@@ -5,8 +5,8 @@ from fractions import Fraction
 
 from comfy_api.latest import InputImpl, Types, io
 
-from ..pipeline.generate import decode
-from ..pipeline.sizes import FPS
+from ..pipeline.sampling.sizes import FPS
+from ..pipeline.sampling.stages import decode
 from .memory import module_bytes, on_device
 from .types import AUDIO_VAE, LATENT, VIDEO_VAE
 

@@ -6,13 +6,13 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from ..fp8.capability import MODES as FP8_MODES
-from ..pipeline.audio_vae import load_audio_vae
-from ..pipeline.config import VARIANTS
-from ..pipeline.loading import BF16, detect_variant, load_dit
+from ..pipeline.codecs.audio_vae import load_audio_vae
+from ..pipeline.codecs.text_encoder import load_text_encoder
+from ..pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
+from ..pipeline.codecs.wan_vae import load_wan_vae
+from ..pipeline.dit.config import VARIANTS
+from ..pipeline.dit.loading import BF16, detect_variant, load_dit
 from ..pipeline.precision import vae_dtype
-from ..pipeline.text_encoder import load_text_encoder
-from ..pipeline.turbo_vae import load_turbo_vae, turbo_files
-from ..pipeline.wan_vae import load_wan_vae
 from .memory import Managed
 from .model_lists import (
     dit_choices,

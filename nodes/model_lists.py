@@ -8,7 +8,7 @@ from pathlib import Path
 import folder_paths
 
 from ..fp8.checkpoint import CheckpointError
-from ..pipeline.model_files import MODEL_FILES, missing_file_message
+from ..pipeline.weights.catalogue import MODEL_FILES, missing_file_message
 
 
 def _roots(folder: str) -> list[Path]:

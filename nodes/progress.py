@@ -6,7 +6,7 @@ import comfy.utils
 import numpy as np
 import torch
 
-from ..pipeline.sampling import Hooks
+from ..pipeline.sampling.loops import Hooks
 
 PREVIEW_SIZE = 512
 

@@ -5,10 +5,10 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..pipeline.generate import DEFAULT_STEPS, driving_audio, generate_base, reference_latent
-from ..pipeline.sampling import Guidance
-from ..pipeline.scheduler import DEFAULT_SHIFT
-from ..pipeline.sizes import ClipSize, clip_size
+from ..pipeline.sampling.loops import Guidance
+from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
+from ..pipeline.sampling.sizes import ClipSize, clip_size
+from ..pipeline.sampling.stages import DEFAULT_STEPS, driving_audio, generate_base, reference_latent
 from .memory import module_bytes, on_device
 from .progress import sampling_hooks
 from .types import AUDIO_VAE, CONDITIONING, DIT, LATENT, VIDEO_VAE, LoadedDiT, MagiConditioning, VideoVAEs

@@ -6,10 +6,10 @@ from dataclasses import replace
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..pipeline.generate import DEFAULT_STEPS, generate_sr
-from ..pipeline.scheduler import DEFAULT_SHIFT
-from ..pipeline.sizes import SR_TARGETS, clip_size
-from ..pipeline.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance
+from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
+from ..pipeline.sampling.sizes import SR_TARGETS, clip_size
+from ..pipeline.sampling.stages import DEFAULT_STEPS, generate_sr
+from ..pipeline.sampling.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance
 from .progress import sampling_hooks
 from .samplers import MAX_SEED, conditioning_latents, guidance_scale
 from .types import CONDITIONING, DIT, LATENT, VIDEO_VAE

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from ..pipeline.text_encoder import TextEmbedding, TextEncoder
-from ..pipeline.turbo_vae import TurboVAEDecoder
-from ..pipeline.wan_vae import WanVAE
+from ..pipeline.codecs.text_encoder import TextEmbedding, TextEncoder
+from ..pipeline.codecs.turbo_vae import TurboVAEDecoder
+from ..pipeline.codecs.wan_vae import WanVAE
 from .memory import Managed
 
 DIT = io.Custom("MAGIHUMAN_DIT")

@@ -1,6 +1,14 @@
-"""The MagiHuman inference stack: DiT, schedulers, samplers, super-resolution, VAEs and text encoder.
+"""The MagiHuman inference stack, in five subpackages and the few modules that tie them together.
 
-Never imports ComfyUI; may import ``..fp8``.
+Imports go one way, top to bottom, and never back up (``tests/test_layout.py`` enforces it):
+
+    runner, demo, precision   (this folder: the headless runner, the demo stack, dtype choices)
+        -> sampling           (schedulers, sampling loops, super-resolution, the stage functions, clip sizes)
+        -> dit, codecs        (the DiT and its loading; the VAEs, audio conversions and the text encoder)
+        -> media, weights     (image/audio/mp4 I/O and frames; safe torch files, the model catalogue, download)
+        -> ..fp8              (the FP8 format, quantization and linear)
+
+Subpackages on the same level never import each other. Never imports ComfyUI.
 
 Shape legend used in comments throughout:
     B batch · F latent frames · h, w latent height/width · C latent channels (48 video, 64 audio)

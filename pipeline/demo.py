@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..fp8.convert import ConvertOptions, convert_checkpoint
-from .audio_vae import OobleckConfig, OobleckVAE
-from .config import PRESETS, DiTConfig
-from .rope import default_bands
-from .turbo_vae import TurboConfig, TurboVAEDecoder
-from .wan_vae import WanVAE, WanVAEConfig
+from .codecs.audio_vae import OobleckConfig, OobleckVAE
+from .codecs.turbo_vae import TurboConfig, TurboVAEDecoder
+from .codecs.wan_vae import WanVAE, WanVAEConfig
+from .dit.config import PRESETS, DiTConfig
+from .dit.rope import default_bands
 
 PROMPT = (
     "A woman in a bright kitchen looks at the camera, smiles and says hello. "
@@ -29,7 +29,7 @@ TEXT_WIDTH = 3584  # the DiT reads T5-Gemma-9B features, whatever the encoder's 
 def random_dit_state(config: DiTConfig, generator: torch.Generator, device="cpu") -> dict[str, torch.Tensor]:
     """A DiT state dict in the original checkpoint dtypes (bf16 block linears, fp32 everything else), with
     N(0, 0.02) weights, zero norm offsets (RMSNorm weight 1 + 0) and the computed RoPE bands."""
-    from .dit import MagiDiT
+    from .dit.model import MagiDiT
 
     state = {}
     for key, placeholder in MagiDiT(config, device="meta").state_dict().items():

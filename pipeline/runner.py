@@ -10,17 +10,17 @@ from pathlib import Path
 import torch
 
 from ..fp8.checkpoint import CheckpointError
-from .audio_vae import load_audio_vae
-from .generate import decode, driving_audio, generate_base, generate_sr, reference_latent
-from .loading import load_dit
-from .media import read_audio, read_image, write_mp4, write_wav
-from .model_files import MODEL_FILES, missing_file_message
+from .codecs.audio_vae import load_audio_vae
+from .codecs.text_encoder import NEGATIVE_PROMPT, load_text_encoder
+from .codecs.turbo_vae import load_turbo_vae, turbo_files
+from .codecs.wan_vae import load_wan_vae
+from .dit.loading import load_dit
+from .media.files import read_audio, read_image, write_mp4, write_wav
 from .precision import vae_dtype
-from .sampling import Guidance, Hooks
-from .sizes import check_steps, clip_size
-from .text_encoder import NEGATIVE_PROMPT, load_text_encoder
-from .turbo_vae import load_turbo_vae, turbo_files
-from .wan_vae import load_wan_vae
+from .sampling.loops import Guidance, Hooks
+from .sampling.sizes import check_steps, clip_size
+from .sampling.stages import decode, driving_audio, generate_base, generate_sr, reference_latent
+from .weights.catalogue import MODEL_FILES, missing_file_message
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ import importlib.util
 import pytest
 import torch
 from conftest import FIXTURES
-from magihuman.pipeline.attention import (
+from magihuman.pipeline.dit.attention import (
     StreamAttention,
     fp32_attention,
     frame_windows,
     make_attention,
     sdpa_attention,
 )
-from magihuman.pipeline.tokens import SampleShape, TokenStream
+from magihuman.pipeline.dit.tokens import SampleShape, TokenStream
 from safetensors.torch import load_file
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import FIXTURES, load_tensors
 from magihuman.fp8.checkpoint import CheckpointError
-from magihuman.pipeline.audio_io import from_audio, resample, to_audio
-from magihuman.pipeline.audio_vae import load_audio_vae
+from magihuman.pipeline.codecs.audio_io import from_audio, resample, to_audio
+from magihuman.pipeline.codecs.audio_vae import load_audio_vae
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = FIXTURES / "oobleck_tiny" / "weights.safetensors"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 from conftest import FIXTURES
-from magihuman.pipeline.block_swap import BlockSwap
-from magihuman.pipeline.loading import load_dit
+from magihuman.pipeline.dit.block_swap import BlockSwap
+from magihuman.pipeline.dit.loading import load_dit
 from safetensors.torch import load_file
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, load_cli
 from magihuman.pipeline.demo import build_models
-from magihuman.pipeline.media import read_audio, write_wav
+from magihuman.pipeline.media.files import read_audio, write_wav
 from test_readme import readme_command
 
 

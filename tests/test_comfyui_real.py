@@ -18,7 +18,7 @@ import torch
 from comfyui_server import ComfyServer, PromptRejected, write_home
 from conftest import ROOT
 from magihuman.pipeline.demo import build_models
-from magihuman.pipeline.media import write_wav
+from magihuman.pipeline.media.files import write_wav
 from PIL import Image
 from ui_to_api import to_api
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import FIXTURES
 from magihuman.fp8.checkpoint import Checkpoint
-from magihuman.pipeline.config import PRESETS, DiTConfig
-from magihuman.pipeline.dit import MagiDiT
+from magihuman.pipeline.dit.config import PRESETS, DiTConfig
+from magihuman.pipeline.dit.model import MagiDiT
 
 FULL_PRESETS = ("base", "distill", "sr_540p", "sr_1080p")
 BLOCK_LINEAR = re.compile(

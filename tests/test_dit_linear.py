@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import FIXTURES
 from magihuman.fp8.checkpoint import Checkpoint
-from magihuman.pipeline.config import PRESETS
-from magihuman.pipeline.dit import MagiDiT
-from magihuman.pipeline.linear import Bf16Linear
+from magihuman.pipeline.dit.config import PRESETS
+from magihuman.pipeline.dit.linear import Bf16Linear
+from magihuman.pipeline.dit.model import MagiDiT
 
 
 def filled(linear: Bf16Linear, seed: int) -> Bf16Linear:

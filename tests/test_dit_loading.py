@@ -8,8 +8,8 @@ import torch
 from conftest import FIXTURES, load_tensors
 from magihuman.fp8.checkpoint import CheckpointError
 from magihuman.fp8.quantize import sqnr_db
-from magihuman.pipeline.linear import Bf16Linear
-from magihuman.pipeline.loading import detect_variant, load_dit
+from magihuman.pipeline.dit.linear import Bf16Linear
+from magihuman.pipeline.dit.loading import detect_variant, load_dit
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = FIXTURES / "dit_tiny_weights"

@@ -18,10 +18,10 @@ import pytest
 import torch
 from conftest import FIXTURES
 from magihuman.fp8.checkpoint import Checkpoint
-from magihuman.pipeline.attention import StreamAttention, fp32_attention, sdpa_attention
-from magihuman.pipeline.config import DiTConfig
-from magihuman.pipeline.dit import MagiDiT
-from magihuman.pipeline.tokens import pack, stream_coords
+from magihuman.pipeline.dit.attention import StreamAttention, fp32_attention, sdpa_attention
+from magihuman.pipeline.dit.config import DiTConfig
+from magihuman.pipeline.dit.model import MagiDiT
+from magihuman.pipeline.dit.tokens import pack, stream_coords
 from safetensors.torch import load_file
 
 # (fixture, variant, frame receptive field): the local case lowered the field from 11 to 1 so that the

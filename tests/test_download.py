@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT
-from magihuman.pipeline import download
-from magihuman.pipeline.download import DownloadError, encoder_shards, files_for, plan, resolve
-from magihuman.pipeline.model_files import MODEL_FILES, WORKFLOW_FILES, missing_file_message
+from magihuman.pipeline.weights import download
+from magihuman.pipeline.weights.catalogue import MODEL_FILES, WORKFLOW_FILES, missing_file_message
+from magihuman.pipeline.weights.download import DownloadError, encoder_shards, files_for, plan, resolve
 
 MODELS = Path("/comfy/models")
 

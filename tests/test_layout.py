@@ -70,6 +70,53 @@ def test_pipeline_never_imports_comfyui_or_nodes():
                 )
 
 
+# Inside pipeline/: a module may import its own subpackage or one of a lower level, never one above or beside
+# (so no import cycle between subpackages is possible).
+PIPELINE_LEVELS = {"": 3, "sampling": 2, "dit": 1, "codecs": 1, "media": 0, "weights": 0}
+
+
+def pipeline_violations(root) -> list[str]:
+    """Every import inside ``root``/pipeline that goes up, or sideways to a subpackage of the same level."""
+    pipeline = root / "pipeline"
+    subpackages = {p.name for p in pipeline.iterdir() if (p / "__init__.py").exists()}
+    assert subpackages == set(PIPELINE_LEVELS) - {""}, "each pipeline/ subpackage needs a level here"
+
+    def part(target: list[str]) -> str:  # the subpackage a module path lies in; "" = pipeline/ itself
+        return target[1] if len(target) > 1 and target[1] in subpackages else ""
+
+    found = []
+    for path in sorted(pipeline.rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        here = part(parts)
+        for level, name in imports_of(path):
+            base = parts[:-1]
+            target = base[: len(base) - (level - 1)] + [p for p in name.split(".") if p]
+            if level == 0 or target[0] != "pipeline" or part(target) == here:
+                continue
+            if PIPELINE_LEVELS[part(target)] >= PIPELINE_LEVELS[here]:
+                found.append(f"{path.relative_to(root)} imports pipeline/{part(target) or '(top)'}")
+    return found
+
+
+def test_pipeline_subpackages_import_only_downwards():
+    assert pipeline_violations(ROOT) == []
+
+
+def test_layering_check_finds_upward_and_sideways_imports(tmp_path):
+    for package in PIPELINE_LEVELS:
+        (tmp_path / "pipeline" / package).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pipeline" / package / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "dit" / "model.py").write_text("from ..sampling.sizes import FPS\n")
+    (tmp_path / "pipeline" / "codecs" / "vae.py").write_text("from ..dit import model\n")
+    (tmp_path / "pipeline" / "media" / "files.py").write_text("from .. import runner\nfrom . import frames\n")
+    (tmp_path / "pipeline" / "sampling" / "loops.py").write_text("from ..dit.model import MagiDiT\n")
+    assert pipeline_violations(tmp_path) == [
+        "pipeline/codecs/vae.py imports pipeline/dit",
+        "pipeline/dit/model.py imports pipeline/sampling",
+        "pipeline/media/files.py imports pipeline/(top)",
+    ]
+
+
 def test_whole_pack_imports_without_comfyui_and_never_as_top_level_names():
     assert "comfy" not in sys.modules
     for folder in ("fp8", "pipeline"):

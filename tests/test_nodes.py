@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import torch
 from magihuman.fp8.checkpoint import CheckpointError
-from magihuman.pipeline.latent import MagiLatent
+from magihuman.pipeline.sampling.latent import MagiLatent
 
 pytest_plugins = ["comfy_fixtures"]
 

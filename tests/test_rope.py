@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 from conftest import FIXTURES
-from magihuman.pipeline.rope import apply_rope, default_bands, fourier_embed
-from magihuman.pipeline.tokens import pack, stream_coords
+from magihuman.pipeline.dit.rope import apply_rope, default_bands, fourier_embed
+from magihuman.pipeline.dit.tokens import pack, stream_coords
 from safetensors.torch import load_file
 
 

@@ -3,11 +3,11 @@ batched guidance, and the size/length rules that run before any model does."""
 
 import pytest
 import torch
-from magihuman.pipeline.latent import MagiLatent
-from magihuman.pipeline.sampling import Guidance, Hooks, initial_noise, sample_distilled, sample_guided
-from magihuman.pipeline.scheduler import flow_schedule
-from magihuman.pipeline.sizes import clip_size
-from magihuman.pipeline.super_resolution import SRGuidance, sample_sr
+from magihuman.pipeline.sampling.latent import MagiLatent
+from magihuman.pipeline.sampling.loops import Guidance, Hooks, initial_noise, sample_distilled, sample_guided
+from magihuman.pipeline.sampling.scheduler import flow_schedule
+from magihuman.pipeline.sampling.sizes import clip_size
+from magihuman.pipeline.sampling.super_resolution import SRGuidance, sample_sr
 
 COND = torch.full((1, 3, 3584), 1.0)
 UNCOND = torch.full((1, 5, 3584), -1.0)

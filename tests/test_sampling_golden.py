@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import FIXTURES
-from magihuman.pipeline.sampling import Guidance, initial_noise, sample_distilled, sample_guided
-from magihuman.pipeline.scheduler import Renoise, UniPC, flow_schedule
-from magihuman.pipeline.super_resolution import (
+from magihuman.pipeline.sampling.loops import Guidance, initial_noise, sample_distilled, sample_guided
+from magihuman.pipeline.sampling.scheduler import Renoise, UniPC, flow_schedule
+from magihuman.pipeline.sampling.super_resolution import (
     SRGuidance,
     noisy_audio,
     renoise,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from magihuman.fp8.checkpoint import Checkpoint, CheckpointError
 from magihuman.fp8.quantize import sqnr_db
-from magihuman.pipeline.text_encoder import NEGATIVE_PROMPT, TARGET_LENGTH, load_text_encoder
+from magihuman.pipeline.codecs.text_encoder import NEGATIVE_PROMPT, TARGET_LENGTH, load_text_encoder
 from safetensors.torch import save_file
 
 WORDS = "a woman speaks to the camera in a bright kitchen and the man laughs says hello world rain".split()

@@ -4,7 +4,14 @@ inputs are value-coded so every position can be read off the numbers) and the Di
 import pytest
 import torch
 from conftest import FIXTURES
-from magihuman.pipeline.tokens import SampleShape, TokenStream, pack, patchify_video, stream_coords, unpack
+from magihuman.pipeline.dit.tokens import (
+    SampleShape,
+    TokenStream,
+    pack,
+    patchify_video,
+    stream_coords,
+    unpack,
+)
 from safetensors.torch import load_file
 
 CHANNELS = (48, 64, 3584)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import FIXTURES, load_cli, load_tensors
 from magihuman.fp8.checkpoint import CheckpointError
-from magihuman.pipeline.frames import image_to_video_input, to_image, to_uint8
-from magihuman.pipeline.torch_files import convert_pickle, load_torch_file
-from magihuman.pipeline.turbo_vae import load_turbo_vae, turbo_files
-from magihuman.pipeline.wan_vae import decode_tiled, load_wan_vae
+from magihuman.pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
+from magihuman.pipeline.codecs.wan_vae import decode_tiled, load_wan_vae
+from magihuman.pipeline.media.frames import image_to_video_input, to_image, to_uint8
+from magihuman.pipeline.weights.torch_files import convert_pickle, load_torch_file
 from safetensors.torch import load_file, save_file
 
 TURBO = FIXTURES / "turbo_vaed_tiny"

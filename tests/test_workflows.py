@@ -9,8 +9,8 @@ import av
 import pytest
 import torch
 from conftest import ROOT
-from magihuman.pipeline.media import write_mp4
-from magihuman.pipeline.model_files import WORKFLOW_FILES
+from magihuman.pipeline.media.files import write_mp4
+from magihuman.pipeline.weights.catalogue import WORKFLOW_FILES
 
 pytest_plugins = ["comfy_fixtures"]
 

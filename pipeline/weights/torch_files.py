@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..fp8.checkpoint import CheckpointError, read_header
+from ...fp8.checkpoint import CheckpointError, read_header
 
 # Where training checkpoints keep their weights, in order of preference (the Turbo VAE: ema_state_dict).
 STATE_KEYS = ("ema_state_dict", "state_dict", "model")

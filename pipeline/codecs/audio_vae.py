@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fp8.checkpoint import Checkpoint, CheckpointError
-from .torch_files import assign_weights
+from ...fp8.checkpoint import Checkpoint, CheckpointError
+from ..weights.torch_files import assign_weights
 
 HOP = 2048
 SAMPLE_RATE = 25 * HOP  # 51.2 kHz: one latent per 25 fps video frame

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_files import MODEL_FILES, WORKFLOW_FILES, ModelFile
+from .catalogue import MODEL_FILES, WORKFLOW_FILES, ModelFile
 
 TEXT_ENCODER_PREFIXES = (
     "encoder.",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..fp8.checkpoint import Checkpoint, CheckpointError
-from ..fp8.linear import Fp8Linear
-from ..fp8.quantize import quantize
-from .model_files import MODEL_FILES
+from ...fp8.checkpoint import Checkpoint, CheckpointError
+from ...fp8.linear import Fp8Linear
+from ...fp8.quantize import quantize
+from ..weights.catalogue import MODEL_FILES
 
 log = logging.getLogger(__name__)
 

@@ -6,15 +6,15 @@ from dataclasses import replace
 
 import torch
 
-from .audio_io import from_audio, to_audio
-from .audio_vae import SAMPLE_RATE, OobleckVAE
-from .frames import image_to_video_input, to_image
+from ..codecs.audio_io import from_audio, to_audio
+from ..codecs.audio_vae import SAMPLE_RATE, OobleckVAE
+from ..codecs.text_encoder import TextEmbedding
+from ..media.frames import image_to_video_input, to_image
 from .latent import MagiLatent
-from .sampling import NO_HOOKS, Guidance, Hooks, initial_noise, sample_distilled, sample_guided
+from .loops import NO_HOOKS, Guidance, Hooks, initial_noise, sample_distilled, sample_guided
 from .scheduler import DEFAULT_SHIFT
 from .sizes import ClipSize, check_steps, clip_size
 from .super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance, sample_sr
-from .text_encoder import TextEmbedding
 
 MODES = ("distill", "base")
 DEFAULT_STEPS = {"distill": 8, "base": 32, "sr": 5}

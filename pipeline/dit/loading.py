@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
-from ..fp8.capability import AUTO, DEQUANTIZE, FP8_MATMUL
-from ..fp8.checkpoint import Checkpoint, CheckpointError
-from ..fp8.formats import Fp8Reader
-from ..fp8.linear import Fp8Linear
-from ..fp8.quantize import Granularity
+from ...fp8.capability import AUTO, DEQUANTIZE, FP8_MATMUL
+from ...fp8.checkpoint import Checkpoint, CheckpointError
+from ...fp8.formats import Fp8Reader
+from ...fp8.linear import Fp8Linear
+from ...fp8.quantize import Granularity
 from .attention import make_attention
 from .block_swap import BlockSwap
 from .config import VARIANTS, DiTConfig
-from .dit import MagiDiT
 from .linear import Bf16Linear
+from .model import MagiDiT
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fp8.checkpoint import Checkpoint, CheckpointError
-from .torch_files import assign_weights, load_torch_file
+from ...fp8.checkpoint import Checkpoint, CheckpointError
+from ..weights.torch_files import assign_weights, load_torch_file
 from .wan_stats import denormalize, normalize
 
 CACHE_T = 2  # frames of history a k=3 causal conv needs

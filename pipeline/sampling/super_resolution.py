@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sampling import NO_HOOKS, Hooks, Velocities, denoise
+from .loops import NO_HOOKS, Hooks, Velocities, denoise
 from .scheduler import DEFAULT_SHIFT, UniPC, flow_schedule
 from .sizes import check_steps
 

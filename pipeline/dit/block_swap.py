@@ -5,7 +5,7 @@ hold the whole 14.3 GiB FP8 DiT next to its activations; results are identical, 
 import torch
 from torch import nn
 
-from ..fp8.linear import Fp8Linear
+from ...fp8.linear import Fp8Linear
 
 
 def _tensors(module: nn.Module):
