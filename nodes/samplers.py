@@ -6,9 +6,10 @@ import torch
 from comfy_api.latest import io
 
 from ..pipeline.sampling.loops import Guidance
+from ..pipeline.sampling.requests import DEFAULT_STEPS, BaseRequest
 from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
 from ..pipeline.sampling.sizes import ClipSize, clip_size
-from ..pipeline.sampling.stages import DEFAULT_STEPS, driving_audio, generate_base, reference_latent
+from ..pipeline.sampling.stages import driving_audio, generate_base, reference_latent
 from .memory import module_bytes, on_device
 from .progress import sampling_hooks
 from .types import AUDIO_VAE, CONDITIONING, DIT, LATENT, VIDEO_VAE, LoadedDiT, MagiConditioning, VideoVAEs
@@ -63,20 +64,23 @@ def conditioning_latents(cond: MagiConditioning, size: ClipSize, vae: VideoVAEs 
     return image, sound
 
 
-def run_base_stage(dit: LoadedDiT, cond, seconds, width, height, seed, steps, shift, vae, audio_vae, mode,
-                   guidance=None, batch: str = "sequential"):  # fmt: skip
-    size = clip_size(seconds, width, height)
-    image, sound = conditioning_latents(cond, size, vae, audio_vae)
+def run_base_stage(dit: LoadedDiT, cond: MagiConditioning, vaes: tuple, widgets: dict, mode: str,
+                   guidance: Guidance | None = None, batch: str = "sequential"):  # fmt: skip
+    """One base stage from a sampler's widgets (seconds, width, height, seed, steps, shift); ``vaes`` =
+    (video VAEs or None, audio VAE or None) for the reference image and driving audio."""
+    size = clip_size(widgets["seconds"], widgets["width"], widgets["height"])
+    image, sound = conditioning_latents(cond, size, *vaes)
     model = dit.managed.use()
     device = mm.get_torch_device()
     if batch == "auto":
         tokens = size.latent_frames * size.latent_height * size.latent_width // 4 + size.audio_frames + 640
         batch = "batched" if mm.get_free_memory(device) > 3 * tokens * BYTES_PER_TOKEN else "sequential"
-    latent = generate_base(
-        model, cond.prompt, size, seed, mode, cond.negative, steps, shift, guidance, image, sound,
-        sampling_hooks(steps), device, batch_cfg=batch == "batched",
+    request = BaseRequest(
+        size=size, text=cond.prompt, seed=widgets["seed"], negative=cond.negative, image_latent=image,
+        hooks=sampling_hooks(widgets["steps"]), device=device, batch_cfg=batch == "batched", mode=mode,
+        steps=widgets["steps"], shift=widgets["shift"], guidance=guidance or Guidance(), audio=sound,
     )  # fmt: skip
-    return latent.to(mm.intermediate_device())
+    return generate_base(model, request).to(mm.intermediate_device())
 
 
 class DistillSampler(io.ComfyNode):
@@ -92,11 +96,8 @@ class DistillSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, dit, conditioning, seconds, width, height, seed, steps, shift, vae=None, audio_vae=None):
-        latent = run_base_stage(
-            dit, conditioning, seconds, width, height, seed, steps, shift, vae, audio_vae, "distill"
-        )
-        return io.NodeOutput(latent)
+    def execute(cls, dit, conditioning, vae=None, audio_vae=None, **widgets):
+        return io.NodeOutput(run_base_stage(dit, conditioning, (vae, audio_vae), widgets, "distill"))
 
 
 class BaseSampler(io.ComfyNode):
@@ -140,11 +141,11 @@ class BaseSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, dit, conditioning, seconds, width, height, seed, steps, shift, video_cfg, video_cfg_late,
-                cfg_switch_t, audio_cfg, batch_cfg, vae=None, audio_vae=None):  # fmt: skip
-        guidance = Guidance(video_cfg, video_cfg_late, cfg_switch_t, audio_cfg)
+    def execute(cls, dit, conditioning, vae=None, audio_vae=None, **widgets):
+        names = ("video_cfg", "video_cfg_late", "cfg_switch_t", "audio_cfg")
+        guidance = Guidance(*(widgets.pop(name) for name in names))
+        batch_cfg = widgets.pop("batch_cfg")
         if torch.device(mm.get_torch_device()).type == "cpu" and batch_cfg == "auto":
             batch_cfg = "sequential"  # no gain from batching on a CPU
-        latent = run_base_stage(dit, conditioning, seconds, width, height, seed, steps, shift, vae, audio_vae,
-                                "base", guidance, batch_cfg)  # fmt: skip
+        latent = run_base_stage(dit, conditioning, (vae, audio_vae), widgets, "base", guidance, batch_cfg)
         return io.NodeOutput(latent)

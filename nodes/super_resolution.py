@@ -6,10 +6,11 @@ from dataclasses import replace
 import comfy.model_management as mm
 from comfy_api.latest import io
 
+from ..pipeline.sampling.requests import DEFAULT_STEPS, SRRequest
 from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
 from ..pipeline.sampling.sizes import SR_TARGETS, clip_size
-from ..pipeline.sampling.stages import DEFAULT_STEPS, generate_sr
-from ..pipeline.sampling.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance
+from ..pipeline.sampling.stages import generate_sr
+from ..pipeline.sampling.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance, SRSettings
 from .progress import sampling_hooks
 from .samplers import MAX_SEED, conditioning_latents, guidance_scale
 from .types import CONDITIONING, DIT, LATENT, VIDEO_VAE
@@ -104,25 +105,29 @@ class SuperResolution(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, sr_dit, latent, conditioning, target, width, height, seed, steps, shift, noise_index,
-                audio_noise_scale, sr_cfg, cfg_trick_frames, cfg_trick_value, vae=None):  # fmt: skip
+    def execute(cls, sr_dit, latent, conditioning, vae=None, **widgets):
         if not sr_dit.variant.startswith("sr_"):
             raise ValueError(
                 f"sr_dit is the '{sr_dit.variant}' DiT; super-resolution needs an SR DiT (540p_sr_fp8/ or "
                 "1080p_sr_fp8/), loaded with variant auto, sr_540p or sr_1080p"
             )
-        width, height = SR_TARGETS.get(target, (width, height))
+        target = widgets["target"]
+        width, height = SR_TARGETS.get(target, (widgets["width"], widgets["height"]))
         if target == "1080p" and sr_dit.variant != "sr_1080p":
             log.warning(
                 "1080p super-resolution with the %s DiT: the 1080p SR DiT is made for it", sr_dit.variant
             )
         size = clip_size(latent.seconds, width, height)
         image, _ = conditioning_latents(replace(conditioning, audio=None), size, vae, None)  # sound is kept
-        guidance = None if sr_cfg <= 1.0 else SRGuidance(sr_cfg, cfg_trick_frames, cfg_trick_value)
-        model = sr_dit.managed.use()
-        result = generate_sr(
-            model, latent, conditioning.prompt, size.width, size.height, seed, steps, shift, noise_index,
-            audio_noise_scale, guidance, conditioning.negative, image, sampling_hooks(steps),
-            mm.get_torch_device(),
+        scale, trick = widgets["sr_cfg"], (widgets["cfg_trick_frames"], widgets["cfg_trick_value"])
+        guidance = None if scale <= 1.0 else SRGuidance(scale, *trick)
+        settings = SRSettings(
+            widgets["steps"], widgets["shift"], widgets["noise_index"], widgets["audio_noise_scale"], guidance
+        )
+        request = SRRequest(
+            size=size, text=conditioning.prompt, seed=widgets["seed"], negative=conditioning.negative,
+            image_latent=image, hooks=sampling_hooks(settings.steps), device=mm.get_torch_device(),
+            settings=settings,
         )  # fmt: skip
+        result = generate_sr(sr_dit.managed.use(), latent, request)
         return io.NodeOutput(result.to(mm.intermediate_device()))

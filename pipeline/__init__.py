@@ -5,7 +5,7 @@ Imports go one way, top to bottom, and never back up (``tests/test_layout.py`` e
     runner, demo, precision   (this folder: the headless runner, the demo stack, dtype choices)
         -> sampling           (schedulers, sampling loops, super-resolution, the stage functions, clip sizes)
         -> dit, codecs        (the DiT and its loading; the VAEs, audio conversions and the text encoder)
-        -> media, weights     (image/audio/mp4 I/O and frames; safe torch files, the model catalogue, download)
+        -> media, weights     (image/audio/mp4 I/O, frames; safe torch files, the model catalogue, download)
         -> ..fp8              (the FP8 format, quantization and linear)
 
 Subpackages on the same level never import each other. Never imports ComfyUI.

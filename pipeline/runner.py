@@ -17,7 +17,8 @@ from .codecs.wan_vae import load_wan_vae
 from .dit.loading import load_dit
 from .media.files import read_audio, read_image, write_mp4, write_wav
 from .precision import vae_dtype
-from .sampling.loops import Guidance, Hooks
+from .sampling.loops import Hooks
+from .sampling.requests import BaseRequest, SRRequest
 from .sampling.sizes import check_steps, clip_size
 from .sampling.stages import decode, driving_audio, generate_base, generate_sr, reference_latent
 from .weights.catalogue import MODEL_FILES, missing_file_message
@@ -132,22 +133,24 @@ def run(
     sound = None if request.audio is None else driving_audio(audio_vae, read_audio(request.audio), size)
 
     dit, _ = load_dit(paths.dit, compute=request.compute, device=device, swap_layers=request.swap_layers)
-    latent = generate_base(
-        dit, text, size, request.seed, request.mode, negative, request.steps, image_latent=image_latent,
-        audio=sound, hooks=hooks(f"{request.mode} sampling"), device=device, guidance=Guidance(),
+    base = BaseRequest(
+        size=size, text=text, seed=request.seed, negative=negative, image_latent=image_latent,
+        hooks=hooks(f"{request.mode} sampling"), device=device, mode=request.mode, steps=request.steps,
+        audio=sound,
     )  # fmt: skip
+    latent = generate_base(dit, base)
     _free(dit)
     if request.sr_size is not None:
         sr_dit, _ = load_dit(
             paths.sr_dit, compute=request.compute, device=device, swap_layers=request.swap_layers
         )
-        width, height = request.sr_size
-        sr_size = clip_size(latent.seconds, width, height)
+        sr_size = clip_size(latent.seconds, *request.sr_size)
         sr_image = None if image is None else reference_latent(wan, image, sr_size.width, sr_size.height)
-        latent = generate_sr(
-            sr_dit, latent, text, width, height, request.seed, image_latent=sr_image,
+        sr = SRRequest(
+            size=sr_size, text=text, seed=request.seed, image_latent=sr_image,
             hooks=hooks("super-resolution"), device=device,
         )  # fmt: skip
+        latent = generate_sr(sr_dit, latent, sr)
         _free(sr_dit)
 
     written = []

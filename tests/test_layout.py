@@ -129,3 +129,20 @@ def test_whole_pack_imports_without_comfyui_and_never_as_top_level_names():
     for name in OUR_FOLDERS:
         module_file = getattr(sys.modules.get(name), "__file__", None) or ""
         assert not module_file.startswith(str(ROOT / name)), f"'{name}' was imported as a top-level module"
+
+
+MAX_PARAMETERS = 8  # beyond this a function takes a small request object instead
+
+
+def test_no_function_in_pipeline_or_nodes_takes_more_than_eight_parameters():
+    too_many = []
+    for path in package_files("pipeline") + package_files("nodes"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+                names += [a.arg for a in (args.vararg, args.kwarg) if a is not None]
+                count = len(names) - (names[:1] in (["self"], ["cls"]))
+                if count > MAX_PARAMETERS:
+                    too_many.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}() takes {count}")
+    assert too_many == []

@@ -4,10 +4,17 @@ batched guidance, and the size/length rules that run before any model does."""
 import pytest
 import torch
 from magihuman.pipeline.sampling.latent import MagiLatent
-from magihuman.pipeline.sampling.loops import Guidance, Hooks, initial_noise, sample_distilled, sample_guided
+from magihuman.pipeline.sampling.loops import (
+    Guidance,
+    Hooks,
+    LoopOptions,
+    initial_noise,
+    sample_distilled,
+    sample_guided,
+)
 from magihuman.pipeline.sampling.scheduler import flow_schedule
 from magihuman.pipeline.sampling.sizes import clip_size
-from magihuman.pipeline.sampling.super_resolution import SRGuidance, sample_sr
+from magihuman.pipeline.sampling.super_resolution import SRGuidance, SRSettings, sample_sr
 
 COND = torch.full((1, 3, 3584), 1.0)
 UNCOND = torch.full((1, 5, 3584), -1.0)
@@ -59,7 +66,7 @@ def test_guidance_switches_the_video_scale_at_t_500_and_keeps_audio_at_5():
         return mixed
 
     object.__setattr__(guidance, "mix", spy)
-    sample_guided(model, video, audio, COND, UNCOND, steps=32, guidance=guidance)
+    sample_guided(model, video, audio, (COND, UNCOND), steps=32, guidance=guidance)
     assert len(model.calls) == 64
     assert [call[2] is COND for call in model.calls[:4]] == [True, False, True, False]
     timesteps = flow_schedule(32).timesteps.tolist()
@@ -82,9 +89,9 @@ def test_custom_scales_reach_the_mix():
 def test_batched_guidance_equals_two_calls():
     video, audio = noise()
     model = Batched()
-    batched = sample_guided(model, video, audio, COND, UNCOND, steps=4, batch_cfg=True)
+    batched = sample_guided(model, video, audio, (COND, UNCOND), steps=4, options=LoopOptions(batch_cfg=True))
     assert model.batched == 4
-    sequential = sample_guided(Recorder(), video, audio, COND, UNCOND, steps=4)
+    sequential = sample_guided(Recorder(), video, audio, (COND, UNCOND), steps=4)
     for a, b in zip(batched, sequential, strict=True):
         assert torch.equal(a, b)
 
@@ -96,8 +103,12 @@ def test_driving_audio_stays_clean_at_every_call_and_at_the_end():
     )
     assert audio is user_audio
     for run in (
-        lambda m: sample_distilled(m, video, audio, COND, torch.Generator().manual_seed(1), hold_audio=True),
-        lambda m: sample_guided(m, video, audio, COND, UNCOND, steps=6, hold_audio=True),
+        lambda m: sample_distilled(
+            m, video, audio, COND, torch.Generator().manual_seed(1), options=LoopOptions(hold_audio=True)
+        ),
+        lambda m: sample_guided(
+            m, video, audio, (COND, UNCOND), steps=6, options=LoopOptions(hold_audio=True)
+        ),
     ):
         model = Recorder()
         _, final_audio = run(model)
@@ -110,18 +121,17 @@ def test_reference_image_is_frame_zero_at_every_call_and_at_the_end():
     image = torch.randn(1, 48, 1, 4, 4)
     for run in (
         lambda m: sample_distilled(
-            m, video, audio, COND, torch.Generator().manual_seed(1), image_latent=image
+            m, video, audio, COND, torch.Generator().manual_seed(1), options=LoopOptions(image)
         ),
-        lambda m: sample_guided(m, video, audio, COND, UNCOND, steps=5, image_latent=image),
+        lambda m: sample_guided(m, video, audio, (COND, UNCOND), steps=5, options=LoopOptions(image)),
         lambda m: sample_sr(
             m,
             video,
             audio,
-            COND,
-            8,
-            8,
+            (COND, None),
+            (8, 8),
             torch.Generator().manual_seed(1),
-            image_latent=torch.randn(1, 48, 1, 8, 8),
+            options=LoopOptions(torch.randn(1, 48, 1, 8, 8)),
         ),
     ):
         model = Recorder()
@@ -150,7 +160,9 @@ def test_hooks_report_every_step_with_clean_estimates():
         on_step=lambda i, n, v, a: seen.append((i, n, v.shape, a.shape)),
         on_stage=lambda name, s: stages.append(name),
     )
-    sample_distilled(Recorder(), video, audio, COND, torch.Generator().manual_seed(0), hooks=hooks)
+    sample_distilled(
+        Recorder(), video, audio, COND, torch.Generator().manual_seed(0), options=LoopOptions(hooks=hooks)
+    )
     assert [(i, n) for i, n, *_ in seen] == [(i, 8) for i in range(1, 9)]
     assert seen[0][2] == video.shape and seen[0][3] == audio.shape
     assert stages == ["distilled sampling"]
@@ -165,7 +177,7 @@ def test_last_step_estimate_is_the_result():
         audio,
         COND,
         torch.Generator().manual_seed(0),
-        hooks=Hooks(on_step=lambda i, n, v, a: estimates.append(v)),
+        options=LoopOptions(hooks=Hooks(on_step=lambda i, n, v, a: estimates.append(v))),
     )
     assert torch.equal(estimates[-1], out[0])  # σ_N = 0: the final step returns the clean estimate
 
@@ -184,7 +196,14 @@ def test_cancel_stops_before_the_next_forward():
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        sample_guided(model, video, audio, COND, UNCOND, steps=32, hooks=Hooks(check_cancel=check))
+        sample_guided(
+            model,
+            video,
+            audio,
+            (COND, UNCOND),
+            steps=32,
+            options=LoopOptions(hooks=Hooks(check_cancel=check)),
+        )
     assert len(model.calls) == 3  # cond+uncond of step 1, cond of step 2, then nothing
 
 
@@ -197,7 +216,9 @@ def test_sr_guidance_scales_per_frame():
     )
     assert SRGuidance(scale=1.5).frame_scales(4).flatten().tolist() == [1.5] * 4  # the cap never raises it
     with pytest.raises(ValueError, match="negative prompt"):
-        sample_sr(Recorder(), *noise(), COND, 8, 8, torch.Generator(), guidance=SRGuidance())
+        sample_sr(
+            Recorder(), *noise(), (COND, None), (8, 8), torch.Generator(), SRSettings(guidance=SRGuidance())
+        )
 
 
 def test_sizes_and_lengths_follow_the_official_rules():
@@ -235,7 +256,7 @@ def test_bad_step_counts_fail_before_any_model_runs():
         with pytest.raises(ValueError, match="steps must be a whole number"):
             sample_distilled(model, video, audio, COND, torch.Generator(), steps=steps)
         with pytest.raises(ValueError, match="steps must be a whole number"):
-            sample_guided(model, video, audio, COND, UNCOND, steps=steps)
+            sample_guided(model, video, audio, (COND, UNCOND), steps=steps)
 
 
 def test_snapping_warns_and_rounds_down(caplog):

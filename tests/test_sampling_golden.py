@@ -14,10 +14,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import FIXTURES
-from magihuman.pipeline.sampling.loops import Guidance, initial_noise, sample_distilled, sample_guided
+from magihuman.pipeline.sampling.loops import (
+    Guidance,
+    LoopOptions,
+    initial_noise,
+    sample_distilled,
+    sample_guided,
+)
 from magihuman.pipeline.sampling.scheduler import Renoise, UniPC, flow_schedule
 from magihuman.pipeline.sampling.super_resolution import (
     SRGuidance,
+    SRSettings,
     noisy_audio,
     renoise,
     sample_sr,
@@ -135,7 +142,7 @@ def test_base_stage_then_sr_with_reference_image(golden):
     )
     base = ToyModel(golden, 0.5)
     image = golden["evaluate.image_latent_br"]
-    video, audio = sample_guided(base, video, audio, cond, null, steps=32, image_latent=image)
+    video, audio = sample_guided(base, video, audio, (cond, null), steps=32, options=LoopOptions(image))
     assert len(base.calls) == 64 and [c[2] is null for c in base.calls[:2]] == [False, True]
     for i in range(32):  # the latent fed to the conditional forward at each step, after stitching
         torch.testing.assert_close(
@@ -149,7 +156,7 @@ def test_base_stage_then_sr_with_reference_image(golden):
 
     sr = ToyModel(golden, 0.6)
     sr_image = golden["evaluate.image_latent_sr"]
-    sr_video = sample_sr(sr, video, audio, cond, 8, 12, generator, image_latent=sr_image)
+    sr_video = sample_sr(sr, video, audio, (cond, None), (8, 12), generator, options=LoopOptions(sr_image))
     torch.testing.assert_close(
         sr.calls[0][0][:, :, 1:], golden[f"evaluate.{run}.stage1.in_video"][:, :, 1:], rtol=0, atol=ATOL
     )
@@ -184,12 +191,12 @@ def test_base_stage_then_sr_with_guidance_and_the_cfg_trick(golden):
     generator = torch.Generator().manual_seed(2000)
     video, audio = initial_noise(fixture_size(), generator, torch.device("cpu"))
     video, audio = sample_guided(
-        ToyModel(golden, 0.5), video, audio, cond, null, steps=32, guidance=Guidance()
+        ToyModel(golden, 0.5), video, audio, (cond, null), steps=32, guidance=Guidance()
     )
     assert_stage(golden, run, 0, video, audio)
     sr = ToyModel(golden, 0.6)
     guidance = SRGuidance(scale=3.5, trick_frames=2, trick_value=2.0)  # fixture: cfg_trick_start_frame=2
-    sr_video = sample_sr(sr, video, audio, cond, 8, 12, generator, guidance=guidance, negative=null)
+    sr_video = sample_sr(sr, video, audio, (cond, null), (8, 12), generator, SRSettings(guidance=guidance))
     assert len(sr.calls) == 10
     torch.testing.assert_close(sr_video, golden[f"evaluate.{run}.final_video"], rtol=0, atol=ATOL)
     torch.testing.assert_close(audio, golden[f"evaluate.{run}.final_audio"], rtol=0, atol=ATOL)

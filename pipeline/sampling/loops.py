@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .scheduler import DEFAULT_SHIFT, Renoise, UniPC, flow_schedule
+from .scheduler import DEFAULT_SHIFT, Renoise, Schedule, UniPC, flow_schedule
 from .sizes import ClipSize, check_steps
 
 Velocities = tuple[torch.Tensor, torch.Tensor]
@@ -49,6 +49,21 @@ class Hooks:
 NO_HOOKS = Hooks()
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """What a sampling loop holds fixed and whom it reports to. ``image_latent`` [1, 48, ≥1, h, w]: its first
+    frame is kept as the clean first latent frame (reference image); ``hold_audio`` keeps the audio input as
+    given (driving audio); ``batch_cfg`` runs the guidance branches in one batched call when the model can."""
+
+    image_latent: torch.Tensor | None = None
+    hold_audio: bool = False
+    hooks: Hooks = NO_HOOKS
+    batch_cfg: bool = False
+
+
+NO_OPTIONS = LoopOptions()
+
+
 def initial_noise(
     size: ClipSize, generator: torch.Generator, device: torch.device, user_audio: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,23 +96,24 @@ def denoise(
     video: torch.Tensor,
     audio: torch.Tensor,
     texts: list[torch.Tensor],
-    sigmas: torch.Tensor,
-    timesteps: list[int],
-    video_solver,
-    audio_solver,
+    schedule: Schedule,
+    solvers: tuple,
     mix: Callable[[list[Velocities], int], Velocities],
-    image_latent: torch.Tensor | None = None,
-    hooks: Hooks = NO_HOOKS,
-    batch: bool = False,
+    options: LoopOptions = NO_OPTIONS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loop every stage shares. ``audio_solver=None`` holds the audio fixed (user audio, or SR input)."""
+    """The loop every stage shares. ``solvers`` = (video solver, audio solver or None to hold the audio fixed:
+    user audio, or the SR input)."""
+    video_solver, audio_solver = solvers
+    image_latent, hooks = options.image_latent, options.hooks
+    timesteps = schedule.timesteps.tolist()
     video = video.clone()
     for i, t in enumerate(timesteps):
         if image_latent is not None:
             video[:, :, :1] = image_latent[:, :, :1]  # the reference image is the clean first latent frame
-        v_video, v_audio = mix(forward(model, video, audio, texts, hooks, batch), t)
+        v_video, v_audio = mix(forward(model, video, audio, texts, hooks, options.batch_cfg), t)
         if hooks.on_step:
-            hooks.on_step(i + 1, len(timesteps), video - sigmas[i] * v_video, audio - sigmas[i] * v_audio)
+            sigma = schedule.sigmas[i]
+            hooks.on_step(i + 1, len(timesteps), video - sigma * v_video, audio - sigma * v_audio)
         video = video_solver.step(v_video, i, video)
         if audio_solver is not None:
             audio = audio_solver.step(v_audio, i, audio)
@@ -114,29 +130,16 @@ def sample_distilled(
     generator: torch.Generator,
     steps: int = 8,
     shift: float = DEFAULT_SHIFT,
-    image_latent: torch.Tensor | None = None,
-    hold_audio: bool = False,
-    hooks: Hooks = NO_HOOKS,
+    options: LoopOptions = NO_OPTIONS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The distilled model: one forward per step, no guidance; each step re-noises (video, then audio) with
-    fresh noise from ``generator``. ``hold_audio`` keeps ``audio`` as given (driving audio)."""
+    fresh noise from ``generator``. ``options.hold_audio`` keeps ``audio`` as given (driving audio)."""
     schedule = flow_schedule(check_steps(steps), shift)
     start = time.perf_counter()
-    result = denoise(
-        model,
-        video,
-        audio,
-        [text],
-        schedule.sigmas,
-        schedule.timesteps.tolist(),
-        Renoise(schedule, generator),
-        None if hold_audio else Renoise(schedule, generator),
-        lambda outputs, t: outputs[0],
-        image_latent,
-        hooks,
-    )
-    if hooks.on_stage:
-        hooks.on_stage("distilled sampling", time.perf_counter() - start)
+    solvers = (Renoise(schedule, generator), None if options.hold_audio else Renoise(schedule, generator))
+    result = denoise(model, video, audio, [text], schedule, solvers, lambda outputs, t: outputs[0], options)
+    if options.hooks.on_stage:
+        options.hooks.on_stage("distilled sampling", time.perf_counter() - start)
     return result
 
 
@@ -144,34 +147,27 @@ def sample_guided(
     model,
     video: torch.Tensor,
     audio: torch.Tensor,
-    text: torch.Tensor,
-    negative: torch.Tensor,
+    texts: tuple[torch.Tensor, torch.Tensor],
     steps: int = 32,
     shift: float = DEFAULT_SHIFT,
     guidance: Guidance = Guidance(),
-    image_latent: torch.Tensor | None = None,
-    hold_audio: bool = False,
-    hooks: Hooks = NO_HOOKS,
-    batch_cfg: bool = False,
+    options: LoopOptions = NO_OPTIONS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base model: a conditional and an unconditional (negative prompt) forward per step, mixed by
-    ``guidance``, advanced by UniPC (separate video and audio histories)."""
+    """The base model: a conditional and an unconditional forward per step (``texts`` = (prompt, negative
+    prompt)), mixed by ``guidance``, advanced by UniPC (separate video and audio histories)."""
     schedule = flow_schedule(check_steps(steps), shift)
     start = time.perf_counter()
+    solvers = (UniPC(schedule), None if options.hold_audio else UniPC(schedule))
     result = denoise(
         model,
         video,
         audio,
-        [text, negative],
-        schedule.sigmas,
-        schedule.timesteps.tolist(),
-        UniPC(schedule),
-        None if hold_audio else UniPC(schedule),
+        list(texts),
+        schedule,
+        solvers,
         lambda outputs, t: guidance.mix(outputs[0], outputs[1], t),
-        image_latent,
-        hooks,
-        batch_cfg,
+        options,
     )
-    if hooks.on_stage:
-        hooks.on_stage("guided sampling", time.perf_counter() - start)
+    if options.hooks.on_stage:
+        options.hooks.on_stage("guided sampling", time.perf_counter() - start)
     return result

@@ -8,16 +8,12 @@ import torch
 
 from ..codecs.audio_io import from_audio, to_audio
 from ..codecs.audio_vae import SAMPLE_RATE, OobleckVAE
-from ..codecs.text_encoder import TextEmbedding
 from ..media.frames import image_to_video_input, to_image
 from .latent import MagiLatent
-from .loops import NO_HOOKS, Guidance, Hooks, initial_noise, sample_distilled, sample_guided
-from .scheduler import DEFAULT_SHIFT
-from .sizes import ClipSize, check_steps, clip_size
-from .super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance, sample_sr
-
-MODES = ("distill", "base")
-DEFAULT_STEPS = {"distill": 8, "base": 32, "sr": 5}
+from .loops import LoopOptions, initial_noise, sample_distilled, sample_guided
+from .requests import DEFAULT_STEPS, BaseRequest, SRRequest, StageRequest
+from .sizes import ClipSize, check_steps
+from .super_resolution import sample_sr
 
 
 def reference_latent(vae, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -33,96 +29,54 @@ def driving_audio(audio_vae: OobleckVAE, audio: dict, size: ClipSize) -> tuple[t
     return audio_vae.encode(waveform), waveform
 
 
-def generate_base(
-    dit,
-    text: TextEmbedding,
-    size: ClipSize,
-    seed: int,
-    mode: str = "distill",
-    negative: TextEmbedding | None = None,
-    steps: int | None = None,
-    shift: float = DEFAULT_SHIFT,
-    guidance: Guidance | None = None,
-    image_latent: torch.Tensor | None = None,
-    audio: tuple[torch.Tensor, torch.Tensor] | None = None,
-    hooks: Hooks = NO_HOOKS,
-    device: torch.device | str = "cpu",
-    batch_cfg: bool = False,
-) -> MagiLatent:
-    """The first stage at ``size``: ``mode`` "distill" (8 re-noising steps) or "base" (32 guided UniPC
-    steps against ``negative``). ``audio`` = :func:`driving_audio` output for lip-sync to given sound."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "base" and negative is None:
-        raise ValueError("the base model's guidance needs the negative prompt's embedding")
-    steps = check_steps(DEFAULT_STEPS[mode] if steps is None else steps)
-    device = torch.device(device)
-    generator = torch.Generator(device).manual_seed(seed)
-    audio_latent, waveform = audio if audio is not None else (None, None)
+def generate_base(dit, request: BaseRequest) -> MagiLatent:
+    """The first stage at ``request.size``; ``request.audio`` = :func:`driving_audio` output for lip-sync."""
+    steps = check_steps(DEFAULT_STEPS[request.mode] if request.steps is None else request.steps)
+    device = torch.device(request.device)
+    generator = torch.Generator(device).manual_seed(request.seed)
+    audio_latent, waveform = request.audio if request.audio is not None else (None, None)
     user_audio = None if audio_latent is None else audio_latent.to(device)
-    video, audio_start = initial_noise(size, generator, device, user_audio)
-    image = None if image_latent is None else image_latent.to(device)
-    common = dict(image_latent=image, hold_audio=user_audio is not None, hooks=hooks)
-    if mode == "distill":
+    video, audio_start = initial_noise(request.size, generator, device, user_audio)
+    options = loop_options(request, device, hold_audio=user_audio is not None)
+    text = request.text.tokens().to(device)
+    if request.mode == "distill":
         video, audio_out = sample_distilled(
-            dit, video, audio_start, text.tokens().to(device), generator, steps, shift, **common
+            dit, video, audio_start, text, generator, steps, request.shift, options
         )
     else:
+        texts = (text, request.negative.tokens().to(device))
         video, audio_out = sample_guided(
-            dit,
-            video,
-            audio_start,
-            text.tokens().to(device),
-            negative.tokens().to(device),
-            steps,
-            shift,
-            guidance or Guidance(),
-            batch_cfg=batch_cfg,
-            **common,
+            dit, video, audio_start, texts, steps, request.shift, request.guidance, options
         )
-    return MagiLatent(video, audio_out, size.seconds, "base", source_audio=waveform)
+    return MagiLatent(video, audio_out, request.size.seconds, "base", source_audio=waveform)
 
 
-def generate_sr(
-    sr_dit,
-    latent: MagiLatent,
-    text: TextEmbedding,
-    width: int,
-    height: int,
-    seed: int,
-    steps: int = DEFAULT_STEPS["sr"],
-    shift: float = DEFAULT_SHIFT,
-    noise_index: int = NOISE_INDEX,
-    audio_noise_scale: float = AUDIO_NOISE_SCALE,
-    guidance: SRGuidance | None = None,
-    negative: TextEmbedding | None = None,
-    image_latent: torch.Tensor | None = None,
-    hooks: Hooks = NO_HOOKS,
-    device: torch.device | str = "cpu",
-) -> MagiLatent:
-    """Super-resolve a base latent to ``width`` x ``height`` (snapped to multiples of 32). The sound is
-    carried over unchanged. ``image_latent``: the reference image encoded at the SR size."""
-    size = clip_size(latent.seconds, width, height)
-    device = torch.device(device)
-    generator = torch.Generator(device).manual_seed(seed)
+def generate_sr(sr_dit, latent: MagiLatent, request: SRRequest) -> MagiLatent:
+    """Super-resolve a base latent to ``request.size``. The sound is carried over unchanged."""
+    size = request.size
+    if abs(size.seconds - latent.seconds) > 1e-9:
+        raise ValueError(
+            f"the SR request is for a {size.seconds:g} s clip, the latent is {latent.seconds:g} s"
+        )
+    device = torch.device(request.device)
+    generator = torch.Generator(device).manual_seed(request.seed)
+    negative = None if request.negative is None else request.negative.tokens().to(device)
     video = sample_sr(
         sr_dit,
         latent.video.to(device),
         latent.audio.to(device),
-        text.tokens().to(device),
-        size.latent_height,
-        size.latent_width,
+        (request.text.tokens().to(device), negative),
+        (size.latent_height, size.latent_width),
         generator,
-        steps,
-        shift,
-        noise_index,
-        audio_noise_scale,
-        guidance,
-        None if negative is None else negative.tokens().to(device),
-        None if image_latent is None else image_latent.to(device),
-        hooks,
+        request.settings,
+        loop_options(request, device),
     )
     return replace(latent, video=video, stage="sr")
+
+
+def loop_options(request: StageRequest, device: torch.device, hold_audio: bool = False) -> LoopOptions:
+    image = None if request.image_latent is None else request.image_latent.to(device)
+    return LoopOptions(image, hold_audio, request.hooks, request.batch_cfg)
 
 
 def decode(

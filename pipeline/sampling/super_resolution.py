@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .loops import NO_HOOKS, Hooks, Velocities, denoise
+from .loops import NO_OPTIONS, LoopOptions, Velocities, denoise
 from .scheduler import DEFAULT_SHIFT, UniPC, flow_schedule
 from .sizes import check_steps
 
@@ -71,54 +71,49 @@ def noisy_audio(base_audio: torch.Tensor, generator: torch.Generator, scale: flo
     return noise * scale + base_audio * (1 - scale)
 
 
+@dataclass(frozen=True)
+class SRSettings:
+    """How a super-resolution run refines: ``steps`` UniPC steps on a ``shift``-ed schedule, the upsampled
+    latent re-noised to ZeroSNR ``noise_index``, the audio input ``audio_noise_scale`` noise, and optional
+    ``guidance`` (None = off, as shipped)."""
+
+    steps: int = 5
+    shift: float = DEFAULT_SHIFT
+    noise_index: int = NOISE_INDEX
+    audio_noise_scale: float = AUDIO_NOISE_SCALE
+    guidance: SRGuidance | None = None
+
+
 def sample_sr(
     model,
     base_video: torch.Tensor,
     base_audio: torch.Tensor,
-    text: torch.Tensor,
-    latent_height: int,
-    latent_width: int,
+    texts: tuple[torch.Tensor, torch.Tensor | None],
+    latent_size: tuple[int, int],
     generator: torch.Generator,
-    steps: int = 5,
-    shift: float = DEFAULT_SHIFT,
-    noise_index: int = NOISE_INDEX,
-    audio_noise_scale: float = AUDIO_NOISE_SCALE,
-    guidance: SRGuidance | None = None,
-    negative: torch.Tensor | None = None,
-    image_latent: torch.Tensor | None = None,
-    hooks: Hooks = NO_HOOKS,
-    batch_cfg: bool = False,
+    settings: SRSettings = SRSettings(),
+    options: LoopOptions = NO_OPTIONS,
 ) -> torch.Tensor:
-    """Refine ``base_video`` at latent size (latent_height, latent_width); returns the SR video latent.
-    Noise is drawn video first, then audio (the official order). ``image_latent`` is the reference image
-    encoded at the SR size."""
-    if not 0 <= noise_index < 1000:
-        raise ValueError(f"noise index must be in [0, 1000), got {noise_index}")
+    """Refine ``base_video`` at ``latent_size`` (latent height, latent width); returns the SR video latent.
+    ``texts`` = (prompt, negative prompt or None; the negative is needed only with guidance). Noise is drawn
+    video first, then audio (the official order). ``options.image_latent`` is the reference image encoded at
+    the SR size; the audio is always held (``options.hold_audio`` does not apply)."""
+    text, negative = texts
+    if not 0 <= settings.noise_index < 1000:
+        raise ValueError(f"noise index must be in [0, 1000), got {settings.noise_index}")
+    guidance = settings.guidance
     if guidance is not None and negative is None:
         raise ValueError("SR guidance needs the negative prompt's embedding")
-    schedule = flow_schedule(check_steps(steps), shift)
+    schedule = flow_schedule(check_steps(settings.steps), settings.shift)
     start = time.perf_counter()
-    video = renoise(base_video, latent_height, latent_width, generator, noise_index)
-    audio = noisy_audio(base_audio, generator, audio_noise_scale)
+    video = renoise(base_video, *latent_size, generator, settings.noise_index)
+    audio = noisy_audio(base_audio, generator, settings.audio_noise_scale)
     if guidance is None:
         texts, mix = [text], lambda outputs, t: outputs[0]
     else:
         scales = guidance.frame_scales(video.shape[2])
         texts, mix = [text, negative], lambda outputs, t: guidance.mix(outputs[0], outputs[1], scales)
-    video, _ = denoise(
-        model,
-        video,
-        audio,
-        texts,
-        schedule.sigmas,
-        schedule.timesteps.tolist(),
-        UniPC(schedule),
-        None,
-        mix,
-        image_latent,
-        hooks,
-        batch_cfg,
-    )
-    if hooks.on_stage:
-        hooks.on_stage("super-resolution", time.perf_counter() - start)
+    video, _ = denoise(model, video, audio, texts, schedule, (UniPC(schedule), None), mix, options)
+    if options.hooks.on_stage:
+        options.hooks.on_stage("super-resolution", time.perf_counter() - start)
     return video
