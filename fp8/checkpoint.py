@@ -6,12 +6,15 @@ naming the file and, where it applies, the key, what was expected and what was f
 """
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from .errors import CheckpointError
 
 DTYPES = {
     "F64": torch.float64,
@@ -29,10 +32,6 @@ DTYPES = {
 }
 LFS_POINTER_PREFIX = b"version https://git-lfs"
 MAX_HEADER_BYTES = 100_000_000
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder that cannot be used as it is; the message says which file and why."""
 
 
 @dataclass(frozen=True)
@@ -69,23 +68,92 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             )
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    infos, data_end = {}, 0
-    for key, entry in header.items():
-        if entry["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        infos[key] = TensorInfo(key, path, DTYPES[entry["dtype"]], tuple(entry["shape"]), end - begin)
-        data_end = max(data_end, end)
-    expected = 8 + header_len + data_end
-    if size < expected:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise CheckpointError(
+                f"{path}: unreadable safetensors header ({reason}). Re-download this file."
+            ) from None
+    if not isinstance(header, dict):
         raise CheckpointError(
-            f"{path}: truncated: the header describes {expected} bytes but the file has {size}. "
+            f"{path}: the safetensors header is a JSON {type(header).__name__}, expected an object of "
+            "tensors. Re-download this file."
+        )
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: '__metadata__' must map names to strings, found {metadata!r:.80}")
+    infos = {key: _tensor_info(path, key, entry) for key, entry in header.items()}
+    _check_layout(path, header, 8 + header_len, size)
+    return infos, metadata
+
+
+def _tensor_info(path: Path, key: str, entry) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape of non-negative ints, and byte offsets that span
+    exactly dtype size x element count (what the safetensors reader would otherwise fail on, unnamed)."""
+    where = f"{path}: tensor '{key}'"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(
+            f"{where}: expected an object with 'dtype', 'shape' and 'data_offsets', found {entry!r:.80}"
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{where} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_count(n) for n in shape):
+        raise CheckpointError(
+            f"{where}: 'shape' must be a list of non-negative integers, found {shape!r:.80}"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(n) for n in offsets)):
+        raise CheckpointError(f"{where}: 'data_offsets' must be [begin, end] integers, found {offsets!r:.80}")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{where}: 'data_offsets' {offsets} span {end - begin} bytes, but {dtype} x {shape} needs "
+            f"{expected}. The file is damaged: re-download it."
+        )
+    return TensorInfo(key, path, DTYPES[dtype], tuple(shape), expected)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(path: Path, header: dict, data_start: int, size: int) -> None:
+    """Tensors must tile the data section back to back from byte 0 to its end, as safetensors requires."""
+    position = 0
+    for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, end = entry["data_offsets"]
+        if begin != position:
+            raise CheckpointError(
+                f"{path}: tensor '{key}' starts at byte {begin} of the data, expected {position} (tensors "
+                "overlap or leave a gap). The file is damaged: re-download it."
+            )
+        position = end
+    if size < data_start + position:
+        raise CheckpointError(
+            f"{path}: truncated: the header describes {data_start + position} bytes but the file has {size}. "
             "Re-download this file."
         )
-    return infos, metadata
+    if size > data_start + position:
+        raise CheckpointError(
+            f"{path}: {size - data_start - position} unexpected bytes after the last tensor (the header "
+            f"describes {data_start + position}). The file is damaged: re-download it."
+        )
+
+
+def check_finite(tensor: torch.Tensor, stored: torch.Tensor, where: str) -> None:
+    """Refuse NaN/Inf in a high-precision tensor (FP8 data is checked through its scales): one reduction per
+    tensor as it loads, so a damaged file is named here instead of turning a whole clip into noise."""
+    if not tensor.is_floating_point() or tensor.element_size() < 2 or bool(torch.isfinite(tensor).all()):
+        return
+    if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+        raise CheckpointError(
+            f"{where} holds NaN or Inf values: the file is damaged. Re-download it (`python cli.py download` "
+            "fetches the published files)."
+        )
+    raise CheckpointError(
+        f"{where}: its values overflow {tensor.dtype} (Inf after conversion from {stored.dtype}); load it in "
+        "a wider dtype"
+    )
 
 
 def find_index(folder: Path) -> Path | None:
@@ -207,8 +275,10 @@ class Checkpoint:
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = safe_open(info.file, framework="pt")
-        tensor = handle.get_tensor(key)
-        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+        stored = handle.get_tensor(key)
+        tensor = stored.to(device=device, dtype=dtype or stored.dtype)
+        check_finite(tensor, stored, f"{info.file}: '{key}'")
+        return tensor
 
     def release(self, file: Path) -> None:
         """Drop the memory map of one file (tensors already loaded from it stay valid)."""

@@ -1,5 +1,8 @@
-"""Writing results to files: an mp4 with H.264 video and AAC stereo sound (PyAV), and a 16-bit wav."""
+"""Results to files (an mp4 with H.264 video and AAC stereo sound through PyAV, a 16-bit wav), each written
+under a temporary name and renamed when complete; user pictures and sound read from files."""
 
+import logging
+import math
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -7,14 +10,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...fp8.errors import InputError
+from .outputs import atomic_output
 
-def write_mp4(path: str | Path, frames: torch.Tensor, audio: dict | None, fps: int = 25) -> Path:
-    """``frames``: IMAGE [T, H, W, 3] in 0..1 (even H and W); ``audio``: AUDIO dict, muxed as AAC stereo."""
+log = logging.getLogger(__name__)
+MIN_IMAGE_SIDE = 16  # smaller reference pictures carry no usable face and break the crop-and-resize
+
+
+def write_mp4(
+    path: str | Path, frames: torch.Tensor, audio: dict | None, fps: int = 25, overwrite: bool = False
+) -> Path:
+    """``frames``: IMAGE [T, H, W, 3] in 0..1 (even H and W); ``audio``: AUDIO dict, muxed as AAC stereo.
+    An existing ``path`` is an error unless ``overwrite``."""
     import av
 
     path = Path(path)
     pixels = (frames.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()  # [T, H, W, 3]
-    with av.open(str(path), mode="w") as container:
+    with atomic_output(path, overwrite) as temporary, av.open(str(temporary), mode="w") as container:
         video = container.add_stream("libx264", rate=Fraction(fps))
         video.width, video.height, video.pix_fmt = pixels.shape[2], pixels.shape[1], "yuv420p"
         sound = None
@@ -36,12 +48,12 @@ def write_mp4(path: str | Path, frames: torch.Tensor, audio: dict | None, fps: i
     return path
 
 
-def write_wav(path: str | Path, audio: dict) -> Path:
-    """An AUDIO dict as a 16-bit PCM wav with its channels and rate."""
+def write_wav(path: str | Path, audio: dict, overwrite: bool = False) -> Path:
+    """An AUDIO dict as a 16-bit PCM wav with its channels and rate (an existing file needs ``overwrite``)."""
     path = Path(path)
     samples = audio["waveform"][0].float().clamp(-1, 1).cpu().numpy()  # [C, N]
     pcm = (samples.T * 32767).round().astype("<i2")  # interleaved [N, C]
-    with wave.open(str(path), "wb") as out:
+    with atomic_output(path, overwrite) as temporary, wave.open(str(temporary), "wb") as out:
         out.setnchannels(samples.shape[0])
         out.setsampwidth(2)
         out.setframerate(int(audio["sample_rate"]))
@@ -50,35 +62,63 @@ def write_wav(path: str | Path, audio: dict) -> Path:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """A picture file (png, jpg, webp, ...) as IMAGE [1, H, W, 3] in 0..1."""
+    """A picture file (png, jpg, webp, ...) as IMAGE [1, H, W, 3] in 0..1; at least 16x16 pixels."""
     import av
 
     try:
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))
-    except (av.error.FFmpegError, StopIteration, OSError) as e:
-        raise ValueError(f"{path}: cannot read this image ({e})") from None
-    return torch.from_numpy(frame.to_ndarray(format="rgb24")).float().div(255).unsqueeze(0)
+            pixels = frame.to_ndarray(format="rgb24")  # [H, W, 3]
+    except (av.error.FFmpegError, StopIteration, OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read this image ({e})") from None
+    check_image_size(pixels.shape[0], pixels.shape[1], str(path))
+    return torch.from_numpy(pixels).float().div(255).unsqueeze(0)
 
 
-def read_audio(path: str | Path) -> dict:
-    """A sound file (wav, mp3, flac, m4a, ...) as AUDIO {"waveform": [1, C, N], "sample_rate": rate}."""
+def check_image_size(height: int, width: int, where: str) -> None:
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise InputError(
+            f"{where}: the reference image is {width}x{height} pixels; it needs at least "
+            f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (a photo of the person's face and upper body works best)"
+        )
+
+
+def read_audio(path: str | Path, seconds: float | None = None) -> dict:
+    """A sound file (wav, mp3, flac, m4a, ...) as AUDIO {"waveform": [1, C, N], "sample_rate": rate}. With
+    ``seconds``, decoding stops once that much is read (a long file is never decoded whole) and the unused
+    rest is reported."""
     import av
 
     try:
         with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise InputError(f"{path}: this file has no audio stream")
             stream = container.streams.audio[0]
             rate, channels = stream.rate, stream.channels
             to_float = av.AudioResampler(
                 format="fltp", layout="stereo" if channels > 1 else "mono", rate=rate
             )
-            chunks = [
-                converted.to_ndarray()  # [C, n] float32
-                for frame in container.decode(stream)
-                for converted in to_float.resample(frame)
-            ]
-    except (av.error.FFmpegError, IndexError, OSError) as e:
-        raise ValueError(f"{path}: cannot read audio from this file ({e})") from None
-    if not chunks:
-        raise ValueError(f"{path}: the audio stream is empty")
-    return {"waveform": torch.from_numpy(np.concatenate(chunks, axis=1)).unsqueeze(0), "sample_rate": rate}
+            wanted = None if seconds is None else math.ceil(seconds * rate)
+            chunks, read = [], 0
+            for frame in container.decode(stream):
+                for converted in to_float.resample(frame):
+                    chunks.append(converted.to_ndarray())  # [C, n] float32
+                    read += chunks[-1].shape[1]
+                if wanted is not None and read >= wanted:
+                    break
+            total = None if container.duration is None else container.duration / av.time_base
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{path}: cannot read audio from this file ({e})") from None
+    if not chunks or read == 0:
+        raise InputError(f"{path}: the audio stream is empty")
+    waveform = torch.from_numpy(np.concatenate(chunks, axis=1))
+    if wanted is not None and read >= wanted:
+        waveform = waveform[:, :wanted]
+        if total is not None and total > seconds + 0.05:
+            log.warning(
+                "%s is %.1f s long; the clip uses its first %.2f s, the rest (%.1f s) is unused",
+                path, total, seconds, total - seconds,
+            )  # fmt: skip
+    return {"waveform": waveform.unsqueeze(0), "sample_rate": rate}

@@ -2,22 +2,39 @@
 code), and assigning a state dict to a model built on the meta device, strictly."""
 
 import pickle
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ...fp8.checkpoint import CheckpointError, read_header
+from ...fp8.checkpoint import CheckpointError, check_finite, read_header
+from ...fp8.errors import OutputError
+from ...fp8.writer import SafetensorsWriter
+from .pickle_scan import PickleScan, scan_pickle
 
 # Where training checkpoints keep their weights, in order of preference (the Turbo VAE: ema_state_dict).
 STATE_KEYS = ("ema_state_dict", "state_dict", "model")
 
 
+# What torch.load raises on a file that passed the opcode scan but still cannot be read (damaged storages).
+UNREADABLE = (
+    RuntimeError,
+    EOFError,
+    OSError,
+    IndexError,
+    KeyError,
+    ValueError,
+    zipfile.BadZipFile,
+    struct.error,
+)
+
+
 def load_torch_file(path: str | Path) -> dict:
     """The object in a torch.save file, loaded with ``weights_only=True`` (tensors, dicts, lists, numbers and
-    strings only) and memory-mapped where the file format allows. Anything else in the pickle is refused
-    without running it."""
+    strings only) and memory-mapped where the file format allows. A file whose pickle would import anything
+    else is refused, naming what, before torch reads it; a damaged file is told apart from such a refusal."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -25,44 +42,77 @@ def load_torch_file(path: str | Path) -> dict:
         head = f.read(64)
     if head.startswith(b"version https://git-lfs"):
         read_header(path)  # raises the LFS-pointer message
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
+    scan = scan_pickle(path)
+    if scan.code:
         raise CheckpointError(
-            f"{path}: refused to load: the file contains Python objects other than tensors, which could run "
-            f"code when loaded ({str(e).splitlines()[0]}). If you trust its source, convert it once with "
-            f"`python cli.py convert-pickle --input {path} --output <file>.safetensors` and use that file."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        if "mmap" in str(e):
+            f"{path}: refused to load: unpickling it would import and call {_names(scan.code)}, which could "
+            "run code. If you trust its source, convert it once with `python cli.py convert-pickle --input "
+            f"{path} --output <file>.safetensors --trust-pickle` and use that file."
+        )
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
             # Files written before torch's zip format cannot be memory-mapped: read them whole (still safe).
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as inner:
-                raise CheckpointError(f"{path}: refused to load ({inner})") from None
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load ({str(e).splitlines()[0]})") from None
+    except UNREADABLE as e:
         raise CheckpointError(
-            f"{path}: unreadable or truncated PyTorch file ({e}). Re-download it."
+            f"{path}: unreadable or truncated PyTorch file ({type(e).__name__}: {e}). Re-download it."
         ) from None
 
 
-def convert_pickle(source: str | Path, output: str | Path) -> int:
-    """Rewrite a ``.pth``/``.ckpt`` that :func:`load_torch_file` refuses as a ``.safetensors`` of its weights
-    (from ``ema_state_dict``, ``state_dict`` or ``model`` when present, else the top level). This *runs* the
-    file's pickled code: only for files from a source the user trusts. Returns the number of tensors."""
+def _names(globals_: tuple[str, ...]) -> str:
+    shown = ", ".join(globals_[:8])
+    return shown + (f" and {len(globals_) - 8} more" if len(globals_) > 8 else "")
+
+
+def convert_pickle(
+    source: str | Path, output: str | Path, trust: bool = False, overwrite: bool = False
+) -> tuple[int, PickleScan]:
+    """Rewrite a ``.pth``/``.ckpt`` as a ``.safetensors`` of its weights (from ``ema_state_dict``,
+    ``state_dict`` or ``model`` when present, else the top level). The globals the file would import are
+    listed first (:func:`scan_pickle`, nothing is run); a file that imports more than tensor rebuilders is
+    only unpickled with ``trust`` (that *runs* its code). The output appears under its name only when complete
+    and never replaces an existing file unless ``overwrite``. Returns (number of tensors, the scan)."""
     source, output = Path(source), Path(output)
+    if output.suffix != ".safetensors":
+        raise OutputError(f"{output}: the output must end in .safetensors")
+    if output.exists() and not (overwrite and output.is_file()):
+        what = "a folder" if output.is_dir() else "a file"
+        raise OutputError(
+            f"{output}: already exists ({what}); give --overwrite to replace it, or another name"
+        )
+    scan = scan_pickle(source)
+    if scan.code and not trust:
+        raise CheckpointError(
+            f"{source}: not converted: unpickling it would import and call {_names(scan.code)}. This runs "
+            "code from the file; only if you trust its source, rerun with --trust-pickle."
+        )
     try:
-        raw = torch.load(source, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, ImportError, AttributeError, EOFError, RuntimeError) as e:
-        # ImportError/AttributeError: the pickle names classes from code that is not installed here.
-        raise CheckpointError(f"{source}: cannot be read even with full unpickling ({e})") from None
+        raw = torch.load(source, map_location="cpu", weights_only=not scan.code)
+    except (ImportError, AttributeError) as e:  # the pickle names classes from code not installed here
+        raise CheckpointError(f"{source}: needs code that is not installed here ({e})") from None
+    except (pickle.UnpicklingError, *UNREADABLE) as e:
+        raise CheckpointError(
+            f"{source}: unreadable or truncated PyTorch file ({type(e).__name__}: {e}). Re-download it."
+        ) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: expected a dict of weights, found {type(raw).__name__}")
     state = next((raw[key] for key in STATE_KEYS if isinstance(raw.get(key), dict)), raw)
-    tensors = {key: value.contiguous() for key, value in state.items() if isinstance(value, torch.Tensor)}
+    tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(f"{source}: no tensors found (top-level keys: {sorted(raw)[:8]})")
-    save_file(tensors, output)
-    return len(tensors)
+        raise CheckpointError(f"{source}: no tensors found (top-level keys: {sorted(map(str, raw))[:8]})")
+    for key, tensor in tensors.items():
+        check_finite(tensor, tensor, f"{source}: '{key}'")
+    layout = {key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()}
+    with SafetensorsWriter(output, layout) as writer:  # written as <output>.partial, renamed when complete
+        for key in writer.order:
+            writer.write(key, tensors[key])
+    return len(tensors), scan
 
 
 def assign_weights(
@@ -78,6 +128,7 @@ def assign_weights(
             f"{source}: not {what}: {first} ({len(missing)} missing, {len(unexpected)} unexpected keys)"
         )
     for key, tensor in state.items():
+        check_finite(tensor, tensor, f"{source}: '{key}'")
         if tensor.shape != expected[key].shape:
             raise CheckpointError(
                 f"{source}: '{key}' has shape {list(tensor.shape)}, expected {list(expected[key].shape)}"
