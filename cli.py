@@ -104,12 +104,13 @@ def _run_convert(args) -> int:
 def _add_convert_pickle(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert-pickle",
-        help="rewrite a refused .pth/.ckpt as .safetensors (runs its code: trusted files only)",
+        help="rewrite a refused .pth/.ckpt as .safetensors (lists what it would import; trusted files only)",
         description="The loaders read .pth/.ckpt files with torch.load(weights_only=True) and refuse files "
-        "that carry Python objects other than tensors, since unpickling those can run code. If you trust "
-        "the file's source, this rewrites it once as a .safetensors of its weights (ema_state_dict, "
-        "state_dict or model when present, else the top level), which the loaders then read instead. "
-        "WARNING: this loads the file with full unpickling, which executes any code it contains.",
+        "whose pickle would import anything beyond tensor rebuilding, since unpickling those runs code. This "
+        "lists every global the file would import (read from its opcodes, nothing is run), then rewrites it "
+        "once as a .safetensors of its weights (ema_state_dict, state_dict or model when present, else the "
+        "top level), which the loaders then read instead. A file that imports code is only unpickled with "
+        "--trust-pickle: that executes whatever code it carries, so give it only for a source you trust.",
     )
     parser.add_argument("--input", required=True, type=Path, help="the .pth or .ckpt file")
     parser.add_argument(
@@ -119,21 +120,27 @@ def _add_convert_pickle(subparsers) -> None:
         help="the .safetensors to write; for a Turbo VAE put it in the turbo_vae/ folder (it is then "
         "preferred over the .ckpt)",
     )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle a file that imports code (runs that code); only for a source you trust",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.set_defaults(run=_run_convert_pickle)
 
 
 def _run_convert_pickle(args) -> int:
-    from magihuman.fp8.checkpoint import CheckpointError
+    from magihuman.pipeline.weights.pickle_scan import scan_pickle
     from magihuman.pipeline.weights.torch_files import convert_pickle
 
     if args.output.suffix != ".safetensors":
         print(f"error: --output must end in .safetensors, got {args.output}", file=sys.stderr)
         return 2
-    try:
-        count = convert_pickle(args.input, args.output)
-    except (OSError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    scan = scan_pickle(args.input)  # before anything is loaded: say what the file would import
+    print(f"{args.input} imports: {', '.join(scan.globals) or 'nothing'}")
+    if scan.code:
+        print(f"  code beyond tensor rebuilding: {', '.join(scan.code)}")
+    count, _ = convert_pickle(args.input, args.output, args.trust_pickle, args.overwrite)
     print(f"wrote {count} tensors to {args.output}")
     return 0
 
@@ -206,12 +213,9 @@ def _add_bench(subparsers) -> None:
 
 
 def _run_bench(args) -> int:
-    import torch
+    from magihuman.pipeline.preflight import resolve_device
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    return BENCH_TARGETS[args.target](args, device)
+    return BENCH_TARGETS[args.target](args, resolve_device(args.device))
 
 
 def _bench_fp8(args, device) -> int:
@@ -404,7 +408,13 @@ def _add_generate(subparsers) -> None:
         parser.add_argument(
             f"--{name}", type=Path, default=None, help=f"path of the {name.replace('-', ' ')}"
         )
-    parser.add_argument("--out", type=Path, default=Path("output/magihuman"), help="output path prefix")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("output/magihuman"),
+        help="the clip's name: writes <out>.mp4 and <out>.wav (an .mp4 or .wav ending is the clip's own)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.set_defaults(run=_run_generate)
 
 
@@ -416,6 +426,7 @@ def _sr_model(size: tuple[int, int] | None) -> str | None:
 
 
 def _sr_size(text: str | None) -> tuple[int, int] | None:
+    from magihuman.fp8.errors import InputError
     from magihuman.pipeline.sampling.sizes import SR_TARGETS
 
     if text is None:
@@ -424,37 +435,32 @@ def _sr_size(text: str | None) -> tuple[int, int] | None:
         return SR_TARGETS[text]
     width, _, height = text.partition("x")
     if not (width.isdigit() and height.isdigit()):
-        raise ValueError(f"--sr must be 540p, 1080p or WIDTHxHEIGHT, got {text!r}")
+        raise InputError(f"--sr must be 540p, 1080p or WIDTHxHEIGHT, got {text!r}")
     return int(width), int(height)
 
 
 def _run_generate(args) -> int:
-    import torch
-    from magihuman.fp8.checkpoint import CheckpointError
+    from magihuman.fp8.errors import InputError
     from magihuman.pipeline.codecs.text_encoder import NEGATIVE_PROMPT
+    from magihuman.pipeline.preflight import resolve_device
     from magihuman.pipeline.runner import ModelPaths, Request, run
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        request = Request(
-            args.prompt, args.seconds, args.width, args.height, args.mode, args.seed, args.steps,
-            args.negative or NEGATIVE_PROMPT, _sr_size(args.sr), args.image, args.audio, args.decoder,
-            args.compute, args.swap_layers,
-        )  # fmt: skip
-        given = {
-            k: getattr(args, k)
-            for k in ("dit", "sr_dit", "text_encoder", "audio_vae", "turbo_vae", "wan_vae")
-        }
-        if args.models_dir is None and (given["dit"] is None or given["text_encoder"] is None):
-            raise ValueError("give --models-dir (a ComfyUI models folder) or every model path")
-        sr_model = _sr_model(request.sr_size)
-        paths = ModelPaths.from_models_dir(args.models_dir or Path("."), args.mode, sr_model, **given)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        written = run(paths, request, args.out, device, _progress())
-    except (ValueError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path in written:
+    device = str(resolve_device(args.device))
+    request = Request(
+        args.prompt, args.seconds, args.width, args.height, args.mode, args.seed, args.steps,
+        args.negative or NEGATIVE_PROMPT, _sr_size(args.sr), args.image, args.audio, args.decoder,
+        args.compute, args.swap_layers,
+    )  # fmt: skip
+    given = {
+        k: getattr(args, k) for k in ("dit", "sr_dit", "text_encoder", "audio_vae", "turbo_vae", "wan_vae")
+    }
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        raise InputError(f"--models-dir {args.models_dir}: no such folder")
+    if args.models_dir is None and (given["dit"] is None or given["text_encoder"] is None):
+        raise InputError("give --models-dir (a ComfyUI models folder) or every model path")
+    sr_model = _sr_model(request.sr_size)
+    paths = ModelPaths.from_models_dir(args.models_dir or Path("."), args.mode, sr_model, **given)
+    for path in run(paths, request, args.out, device, _progress(), args.overwrite):
         print(f"wrote {path}")
     return 0
 
@@ -472,6 +478,7 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="clip length (default 2)")
     parser.add_argument("--size", type=int, default=128, help="base width and height (default 128)")
     parser.add_argument("--keep-models", action="store_true", help="keep the demo models in <out>/models")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo")
     parser.set_defaults(run=_run_demo)
 
 
@@ -480,10 +487,12 @@ def _run_demo(args) -> int:
     import time
 
     from magihuman.pipeline.demo import PROMPT, build_models, describe_models
+    from magihuman.pipeline.media.outputs import check_outputs, clip_outputs
     from magihuman.pipeline.runner import ModelPaths, Request, run
 
     start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "magihuman_demo"
+    check_outputs(list(clip_outputs(out, ("wan",)).values()), args.overwrite)  # before minutes of work
     with tempfile.TemporaryDirectory(prefix="magihuman-demo-") as scratch:
         models_dir = args.out / "models" if args.keep_models else Path(scratch)
         print("building the tiny random-weight models ...")
@@ -493,7 +502,7 @@ def _run_demo(args) -> int:
             PROMPT, args.seconds, args.size, args.size, sr_size=(2 * args.size, 2 * args.size), decoder="both"
         )
         paths = ModelPaths.from_models_dir(models_dir, "distill", "540p")
-        written = run(paths, request, args.out / "magihuman_demo", "cpu", _progress())
+        written = run(paths, request, out, "cpu", _progress(), args.overwrite)
     for path in written:
         print(f"wrote {path}")
     print(
@@ -502,8 +511,12 @@ def _run_demo(args) -> int:
     return 0
 
 
+DEBUG_HELP = "on an error, show the full traceback (normally one line)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python cli.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<subcommand>")
     _add_convert(subparsers)
     _add_convert_pickle(subparsers)
@@ -511,13 +524,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download(subparsers)
     _add_generate(subparsers)
     _add_demo(subparsers)
+    for sub in subparsers.choices.values():  # accepted after the subcommand too
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback of an error",
+        )
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _bootstrap.load()
-    return args.run(args) or 0
+    from magihuman.pipeline.failures import run_command
+
+    return run_command(args.run, args, args.debug)
 
 
 if __name__ == "__main__":

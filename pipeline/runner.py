@@ -15,11 +15,12 @@ from .codecs.text_encoder import NEGATIVE_PROMPT, load_text_encoder
 from .codecs.turbo_vae import load_turbo_vae, turbo_files
 from .codecs.wan_vae import load_wan_vae
 from .dit.loading import load_dit
-from .media.files import read_audio, read_image, write_mp4, write_wav
+from .media.files import write_mp4, write_wav
 from .precision import vae_dtype
+from .preflight import check_run
 from .sampling.loops import Hooks
 from .sampling.requests import BaseRequest, SRRequest
-from .sampling.sizes import check_steps, clip_size
+from .sampling.sizes import clip_size
 from .sampling.stages import decode, driving_audio, generate_base, generate_sr, reference_latent
 from .weights.catalogue import MODEL_FILES, missing_file_message
 
@@ -93,15 +94,19 @@ def _free(*models) -> None:
 
 
 def run(
-    paths: ModelPaths, request: Request, output: Path, device: str = "cpu", progress: Progress | None = None
+    paths: ModelPaths,
+    request: Request,
+    output: Path,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    overwrite: bool = False,
 ):
     """Generate one clip; returns the files written (``<output>.mp4``, ``<output>.wav``, and
-    ``<output>_wan.mp4`` when both decoders are asked for)."""
-    size = clip_size(request.seconds, request.width, request.height)  # bad requests fail before any loading
-    if request.steps is not None:
-        check_steps(request.steps)
-    if request.sr_size is not None:
-        clip_size(request.seconds, *request.sr_size)
+    ``<output>_wan.mp4`` when both decoders are asked for; see :func:`~.media.outputs.clip_outputs`).
+    Every input, path and output is checked before the first model loads; existing files are kept unless
+    ``overwrite``."""
+    checked = check_run(paths, request, output, overwrite)
+    size = checked.size
     if request.decoder in ("wan", "both") or request.image is not None:
         if paths.wan_vae is None:
             raise CheckpointError(missing_file_message("wan_vae", []))
@@ -127,22 +132,24 @@ def run(
         if paths.wan_vae is not None and request.image is not None
         else None
     )
-    image = None if request.image is None else read_image(request.image)
+    image = checked.image
     image_latent = None if image is None else reference_latent(wan, image, size.width, size.height)
     audio_vae = load_audio_vae(paths.audio_vae, device)
-    sound = None if request.audio is None else driving_audio(audio_vae, read_audio(request.audio), size)
+    sound = None if checked.audio is None else driving_audio(audio_vae, checked.audio, size)
 
-    dit, _ = load_dit(paths.dit, compute=request.compute, device=device, swap_layers=request.swap_layers)
+    dit, _ = load_dit(
+        paths.dit, checked.dit_variant, request.compute, device, swap_layers=request.swap_layers
+    )
     base = BaseRequest(
         size=size, text=text, seed=request.seed, negative=negative, image_latent=image_latent,
         hooks=hooks(f"{request.mode} sampling"), device=device, mode=request.mode, steps=request.steps,
         audio=sound,
     )  # fmt: skip
-    latent = generate_base(dit, base)
+    latent = generate_base(dit, base).check_finite(f"{request.mode} sampling", str(paths.dit))
     _free(dit)
     if request.sr_size is not None:
         sr_dit, _ = load_dit(
-            paths.sr_dit, compute=request.compute, device=device, swap_layers=request.swap_layers
+            paths.sr_dit, checked.sr_variant, request.compute, device, swap_layers=request.swap_layers
         )
         sr_size = clip_size(latent.seconds, *request.sr_size)
         sr_image = None if image is None else reference_latent(wan, image, sr_size.width, sr_size.height)
@@ -150,7 +157,7 @@ def run(
             size=sr_size, text=text, seed=request.seed, image_latent=sr_image,
             hooks=hooks("super-resolution"), device=device,
         )  # fmt: skip
-        latent = generate_sr(sr_dit, latent, sr)
+        latent = generate_sr(sr_dit, latent, sr).check_finite("super-resolution", str(paths.sr_dit))
         _free(sr_dit)
 
     written = []
@@ -162,9 +169,10 @@ def run(
             decoder = wan or load_wan_vae(paths.wan_vae, device, dtype)
         frames, audio = decode(latent, decoder, audio_vae)
         done(f"decoding ({name})")
-        target = output.with_name(output.name + ("" if name == decoders[0] else f"_{name}") + ".mp4")
-        written.append(write_mp4(target, frames, audio))
-        if name == decoders[0]:
-            written.append(write_wav(output.with_suffix(".wav"), audio))
+        first = name == decoders[0]
+        target = checked.outputs["mp4" if first else name]
+        written.append(write_mp4(target, frames, audio, overwrite=overwrite))
+        if first:
+            written.append(write_wav(checked.outputs["wav"], audio, overwrite))
         _free(decoder)
     return written

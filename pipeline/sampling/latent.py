@@ -4,6 +4,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ...fp8.errors import CheckpointError
 from .sizes import FPS, SPATIAL
 
 
@@ -31,6 +32,18 @@ class MagiLatent:
                 f"MagiLatent needs video [1,48,F,h,w] and audio [1,A,64]; got {list(self.video.shape)} and "
                 f"{list(self.audio.shape)}"
             )
+
+    def check_finite(self, stage: str, dit: str) -> "MagiLatent":
+        """Refuse a stage result with NaN/Inf in it (two reductions per stage), naming the DiT that made it:
+        later stages and the decoders would only turn it into noise or a cryptic encoder error."""
+        for name, tensor in (("video", self.video), ("audio", self.audio)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(
+                    f"the {stage} stage produced NaN or Inf values in its {name} latent. The DiT weights "
+                    f"({dit}) are the likely cause: re-download that checkpoint; if it persists, try "
+                    "compute bf16 or dequantize"
+                )
+        return self
 
     @property
     def user_audio(self) -> bool:
