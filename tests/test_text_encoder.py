@@ -7,7 +7,12 @@ import pytest
 import torch
 from magihuman.fp8.checkpoint import Checkpoint, CheckpointError
 from magihuman.fp8.quantize import sqnr_db
-from magihuman.pipeline.codecs.text_encoder import NEGATIVE_PROMPT, TARGET_LENGTH, load_text_encoder
+from magihuman.pipeline.codecs.text_encoder import (
+    NEGATIVE_PROMPT,
+    TARGET_LENGTH,
+    TEXT_WIDTH,
+    load_text_encoder,
+)
 from safetensors.torch import save_file
 
 WORDS = "a woman speaks to the camera in a bright kitchen and the man laughs says hello world rain".split()
@@ -30,12 +35,13 @@ def write_tokenizer(folder):
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    """An HF-layout T5-Gemma folder (encoder + decoder, sharded, indexed) like google/t5gemma-9b-9b-ul2."""
+    """An HF-layout T5-Gemma folder (encoder + decoder, sharded, indexed) like google/t5gemma-9b-9b-ul2:
+    narrow inside, but as wide as T5-Gemma-9B (the loader refuses other widths)."""
     from transformers import T5GemmaConfig, T5GemmaForConditionalGeneration
 
     folder = tmp_path_factory.mktemp("t5gemma")
     module = dict(
-        hidden_size=32,
+        hidden_size=TEXT_WIDTH,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -49,7 +55,7 @@ def hf_folder(tmp_path_factory):
     model = T5GemmaForConditionalGeneration(
         T5GemmaConfig(encoder=module, decoder=dict(module), vocab_size=64)
     )
-    model.save_pretrained(folder, max_shard_size="40KB")
+    model.save_pretrained(folder, max_shard_size="4MB")
     write_tokenizer(folder)
     return folder
 
@@ -72,11 +78,14 @@ def test_folder_layout_loads_the_encoder_only_and_never_reads_the_decoder(hf_fol
 def test_lengths_padding_and_fp16_rounding(hf_folder):
     encoder = load_text_encoder(hf_folder, dtype=torch.float32)
     embedding = encoder.encode("a woman speaks to the camera")
-    assert embedding.features.shape == (1, TARGET_LENGTH, 32) and embedding.features.dtype == torch.float16
+    assert (
+        embedding.features.shape == (1, TARGET_LENGTH, TEXT_WIDTH)
+        and embedding.features.dtype == torch.float16
+    )
     assert embedding.length == 7  # BOS + 6 words, no padding tokens
     assert embedding.features[:, 7:].abs().max() == 0
     tokens = embedding.tokens()
-    assert tokens.shape == (1, 7, 32) and tokens.dtype == torch.float32
+    assert tokens.shape == (1, 7, TEXT_WIDTH) and tokens.dtype == torch.float32
     ids = encoder.tokenizer(["a woman speaks to the camera"], return_tensors="pt")
     reference = encoder.model(**ids).last_hidden_state
     torch.testing.assert_close(tokens, reference.half().float())

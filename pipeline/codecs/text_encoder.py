@@ -2,6 +2,7 @@
 T5Gemma classes of ``transformers``: tokenise without padding, take the last hidden state, round it through
 fp16, pad or trim to 640 rows and keep the real length. Only the encoder's weights are ever read."""
 
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from ..weights.catalogue import MODEL_FILES
 
 log = logging.getLogger(__name__)
 
-TARGET_LENGTH = 640
+TARGET_LENGTH = 640  # text tokens the DiT reads
+TEXT_WIDTH = 3584  # T5-Gemma-9B's width, the DiT's text input
 ENCODER_PREFIXES = ("model.encoder.", "encoder.")  # full HF checkpoint / encoder-only file
 TIED_EMBEDDING = "model.decoder.embed_tokens.weight"  # holds the shared embedding when the encoder's is tied
 
@@ -59,6 +61,7 @@ class TextEmbedding:
 
     features: torch.Tensor
     length: int
+    dropped: int = 0  # prompt tokens past the 640 the DiT reads, cut before encoding
 
     def tokens(self) -> torch.Tensor:
         return self.features[:, : self.length].float()  # [1, L, 3584]
@@ -94,14 +97,24 @@ class TextEncoder:
         if prompt in self.cache:
             self.cache.move_to_end(prompt)
             return self.cache[prompt]
-        ids = self.tokenizer([prompt], return_tensors="pt")  # no padding: only real tokens
+        # No padding (only real tokens), and never more than the DiT reads: a prompt of any length costs
+        # at most 640 tokens of encoder work (the tokenizer's count of the whole is cheap).
+        total = len(self.tokenizer(prompt)["input_ids"])
+        ids = self.tokenizer([prompt], return_tensors="pt", truncation=True, max_length=TARGET_LENGTH)
+        dropped = total - ids["input_ids"].shape[1]
+        if dropped > 0:
+            tail = self.tokenizer.decode(ids["input_ids"][0, -8:], skip_special_tokens=True)
+            log.warning(
+                "the prompt is %d tokens; the DiT reads the first %d: the last %d are dropped (the prompt is "
+                "used up to '... %s')", total, TARGET_LENGTH, dropped, tail,
+            )  # fmt: skip
         hidden = self.model(
             input_ids=ids["input_ids"].to(self.device), attention_mask=ids["attention_mask"].to(self.device)
         ).last_hidden_state  # [1, L, D]
         hidden = hidden.half().cpu()[:, :TARGET_LENGTH]
         length = hidden.shape[1]
         features = torch.nn.functional.pad(hidden, (0, 0, 0, TARGET_LENGTH - length))  # [1, 640, D]
-        embedding = TextEmbedding(features, length)
+        embedding = TextEmbedding(features, length, max(dropped, 0))
         self.cache[prompt] = embedding
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
@@ -156,14 +169,24 @@ def load_text_encoder(
     from transformers import AutoTokenizer, T5GemmaConfig, T5GemmaEncoderModel
 
     folder, weights = _files(Path(path))
-    config = T5GemmaConfig.from_json_file(folder / "config.json")
+    config = _config(folder / "config.json", T5GemmaConfig)
     config.is_encoder_decoder = False  # the official code loads it encoder-only as well
+    tokenizer = _tokenizer(folder, AutoTokenizer)  # before the weights: a bad file fails in a second
     checkpoint = Checkpoint(weights)
     mapping = _encoder_state(checkpoint)
     with torch.device("meta"):
         model = T5GemmaEncoderModel(config)
     if fp8:
         _swap_linears(model)
+    expected_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    for key, source in mapping.items():  # from the headers, before any weight is read
+        found = checkpoint.info(source).shape
+        if key in expected_shapes and found != expected_shapes[key]:
+            raise CheckpointError(
+                f"{checkpoint.info(source).file}: '{source}' has shape {list(found)}, but config.json "
+                f"describes {list(expected_shapes[key])}: the weights and {folder / 'config.json'} are from "
+                "different models"
+            )
     state = {}
     for key, source in mapping.items():
         tensor = checkpoint.load(source, device, dtype)
@@ -179,10 +202,45 @@ def load_text_encoder(
     model.load_state_dict(state, strict=True, assign=True)
     # The rotary frequencies are computed, not stored: rebuild that module off the meta device.
     model.encoder.rotary_emb = type(model.encoder.rotary_emb)(config=config.encoder).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     name = f"{weights}{' fp8' if fp8 else ''}"
     log.info("loaded T5-Gemma encoder from %s (%d tensors, fp8=%s)", weights, len(mapping), fp8)
     return TextEncoder(model.eval().requires_grad_(False), tokenizer, name)
+
+
+def _config(path: Path, config_class):
+    """config.json as a T5GemmaConfig whose encoder is T5-Gemma-9B wide; errors name the file and key."""
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, found {type(raw).__name__}")
+        config = config_class.from_dict(raw)
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot read the T5-Gemma config ({type(e).__name__}: {e})") from None
+    width = getattr(config.encoder, "hidden_size", None)
+    if width != TEXT_WIDTH:
+        raise CheckpointError(
+            f"{path}: 'encoder.hidden_size' is {width}, but the DiT reads T5-Gemma-9B features {TEXT_WIDTH} "
+            f"wide; use {MODEL_FILES['text_encoder'].source}"
+        )
+    return config
+
+
+def _tokenizer(folder: Path, tokenizer_class):
+    """The tokenizer beside the weights; a damaged tokenizer file is named (the library does not name it)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_text())
+            except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:
+                raise CheckpointError(
+                    f"{folder / name}: unreadable ({e}). Re-download the T5-Gemma tokenizer files"
+                ) from None
+    try:
+        return tokenizer_class.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # the tokenizers library raises bare Exceptions; this is the file boundary
+        raise CheckpointError(
+            f"{folder}: cannot load the T5-Gemma tokenizer ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _swap_linears(model) -> None:

@@ -137,8 +137,9 @@ class TurboConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: cannot read the Turbo VAE config ({e})") from None
+        _check_keys(path, raw)
         unsupported = {
             "decoder_is_dw_conv": any(raw.get("decoder_is_dw_conv", [])),
             "decoder_causal": raw.get("decoder_causal", False),
@@ -191,6 +192,25 @@ class Decoder3d(nn.Module):
         # channel index = c·p² + w_offset·p + h_offset (the Wan unpatchify convention)
         x = x.view(b, cpp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 3, 6, 2)
         return x.reshape(b, cpp // (p * p), t, h * p, w * p)
+
+
+# The keys from_json reads without a default: an int and four per-block lists.
+REQUIRED_KEYS = {"latent_channels": int, "decoder_block_out_channels": list, "decoder_layers_per_block": list,
+                 "decoder_spatio_temporal_scaling": list, "decoder_spatio_only": list}  # fmt: skip
+
+
+def _check_keys(path: Path, raw) -> None:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: a Turbo VAE config is a JSON object, found {type(raw).__name__}")
+    for key, kind in REQUIRED_KEYS.items():
+        if key not in raw:
+            raise CheckpointError(
+                f"{path}: the Turbo VAE config has no '{key}' (TurboV3-Wan22-TinyShallow_7_7.json from "
+                "GAIR/daVinci-MagiHuman has it); re-download the turbo_vae/ folder"
+            )
+        if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
+            kind_name = "integer" if kind is int else "list"
+            raise CheckpointError(f"{path}: '{key}' must be a JSON {kind_name}, found {raw[key]!r:.60}")
 
 
 class TurboVAEDecoder(nn.Module):
@@ -277,6 +297,12 @@ def load_turbo_vae(
     """Build the decoder from its JSON and load its weights strictly (names the first missing or unexpected
     key)."""
     weights_path = Path(weights_path)
-    model = TurboVAEDecoder(TurboConfig.from_json(config_path)).to(device="meta")
+    config = TurboConfig.from_json(config_path)
+    try:
+        model = TurboVAEDecoder(config).to(device="meta")
+    except (IndexError, TypeError, RuntimeError) as e:  # e.g. per-block lists of different lengths
+        raise CheckpointError(
+            f"{config_path}: this Turbo VAE config describes no valid decoder ({e})"
+        ) from None
     what = f"the Turbo VAE described by {Path(config_path).name}"
     return assign_weights(model, turbo_state_dict(weights_path), weights_path, what, device, dtype)
