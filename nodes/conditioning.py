@@ -3,8 +3,12 @@ image and optional driving audio (both encoded later, by the samplers, at each s
 
 from comfy_api.latest import io
 
-from ..pipeline.codecs.text_encoder import NEGATIVE_PROMPT
+from ..pipeline.codecs.audio_io import check_audio
+from ..pipeline.codecs.text_encoder import NEGATIVE_PROMPT, TARGET_LENGTH
+from ..pipeline.media.frames import check_reference_image
+from ..pipeline.preflight import check_prompt
 from .memory import module_bytes, on_device
+from .progress import status_text
 from .types import CONDITIONING, TEXT_ENCODER, LoadedTextEncoder, MagiConditioning
 
 
@@ -52,12 +56,20 @@ class TextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder: LoadedTextEncoder, prompt, negative_prompt, image=None, audio=None):
-        if not prompt.strip():
-            raise ValueError("the prompt is empty: describe the scene, the dialogue and the background sound")
+        check_prompt(prompt, "the prompt")  # all inputs first: a bad picture fails before encoding
+        if image is not None:
+            check_reference_image(image)
+        if audio is not None:
+            check_audio(audio)
         encoder = text_encoder.encoder
         if text_encoder.run_on_gpu:
             with on_device(encoder, module_bytes(encoder.model)):
                 embeddings = encoder.encode(prompt), encoder.encode(negative_prompt)
         else:
             embeddings = encoder.encode(prompt), encoder.encode(negative_prompt)
+        if embeddings[0].dropped:
+            status_text(
+                f"prompt too long: the DiT reads its first {TARGET_LENGTH} tokens, the last "
+                f"{embeddings[0].dropped} are dropped"
+            )
         return io.NodeOutput(MagiConditioning(*embeddings, image, audio))

@@ -5,6 +5,7 @@ from fractions import Fraction
 
 from comfy_api.latest import InputImpl, Types, io
 
+from ..fp8.errors import InputError
 from ..pipeline.sampling.sizes import FPS
 from ..pipeline.sampling.stages import decode
 from .memory import module_bytes, on_device
@@ -56,7 +57,7 @@ class Decode(io.ComfyNode):
     def execute(cls, latent, vae, audio_vae, decoder, offload_frames, tile) -> io.NodeOutput:
         model = vae.turbo if decoder == "turbo" else vae.wan
         if model is None:
-            raise ValueError(
+            raise InputError(
                 f"the {decoder} decoder was not loaded: set it in the MagiHuman Video VAE Loader"
             )
         options = {"offload_to": "cpu"} if decoder == "turbo" and offload_frames else {}

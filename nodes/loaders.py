@@ -6,6 +6,7 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from ..fp8.capability import MODES as FP8_MODES
+from ..fp8.errors import InputError
 from ..pipeline.codecs.audio_vae import load_audio_vae
 from ..pipeline.codecs.text_encoder import load_text_encoder
 from ..pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
@@ -128,7 +129,7 @@ class VAELoader(io.ComfyNode):
     @classmethod
     def execute(cls, turbo_vae, wan_vae) -> io.NodeOutput:
         if turbo_vae == NONE and wan_vae == NONE:
-            raise ValueError("choose at least one video VAE (Turbo VAE or Wan2.2 VAE)")
+            raise InputError("choose at least one video VAE (Turbo VAE or Wan2.2 VAE)")
         offload, dtype = mm.unet_offload_device(), vae_dtype(mm.get_torch_device())
         turbo = None
         if turbo_vae != NONE:

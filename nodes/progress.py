@@ -11,6 +11,18 @@ from ..pipeline.sampling.loops import Hooks
 PREVIEW_SIZE = 512
 
 
+def status_text(text: str) -> None:
+    """A note shown under the running node in ComfyUI's interface (the pipeline logs it as well)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:  # outside a ComfyUI server (tests, scripts): the log line is all there is
+        return
+    context = get_executing_context()
+    if context is not None and PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, context.node_id)
+
+
 def _rgb_factors() -> tuple[torch.Tensor, torch.Tensor] | None:
     """ComfyUI's linear latent-to-RGB approximation for the Wan2.2 latent space (our latent space)."""
     try:

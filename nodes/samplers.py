@@ -1,10 +1,13 @@
 """The base-stage samplers: the distilled model (8 steps, no guidance) and the base model (32 steps, text
 guidance with separate video and audio scales). Both output a MagiHuman latent (video + audio together)."""
 
+import logging
+
 import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
+from ..fp8.errors import InputError
 from ..pipeline.sampling.loops import Guidance
 from ..pipeline.sampling.requests import DEFAULT_STEPS, BaseRequest
 from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
@@ -13,6 +16,8 @@ from ..pipeline.sampling.stages import driving_audio, generate_base, reference_l
 from .memory import module_bytes, on_device
 from .progress import sampling_hooks
 from .types import AUDIO_VAE, CONDITIONING, DIT, LATENT, VIDEO_VAE, LoadedDiT, MagiConditioning, VideoVAEs
+
+log = logging.getLogger(__name__)
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 BYTES_PER_TOKEN = 170_000  # peak activations of one full-size DiT forward per token (bf16 MLP, fp32 residual)
@@ -48,7 +53,7 @@ def conditioning_latents(cond: MagiConditioning, size: ClipSize, vae: VideoVAEs 
     image = sound = None
     if cond.image is not None:
         if vae is None or vae.wan is None:
-            raise ValueError(
+            raise InputError(
                 "a reference image needs the Wan2.2 VAE: connect a MagiHuman Video VAE Loader (with wan_vae "
                 "set) to the vae input"
             )
@@ -56,7 +61,7 @@ def conditioning_latents(cond: MagiConditioning, size: ClipSize, vae: VideoVAEs 
             image = reference_latent(wan, cond.image, size.width, size.height)
     if cond.audio is not None:
         if audio_vae is None:
-            raise ValueError(
+            raise InputError(
                 "driving audio needs the audio VAE: connect a MagiHuman Audio VAE Loader to audio_vae"
             )
         with on_device(audio_vae, module_bytes(audio_vae)) as encoder:
@@ -68,6 +73,13 @@ def run_base_stage(dit: LoadedDiT, cond: MagiConditioning, vaes: tuple, widgets:
                    guidance: Guidance | None = None, batch: str = "sequential"):  # fmt: skip
     """One base stage from a sampler's widgets (seconds, width, height, seed, steps, shift); ``vaes`` =
     (video VAEs or None, audio VAE or None) for the reference image and driving audio."""
+    if dit.variant.startswith("sr_"):
+        raise InputError(
+            f"the dit input is the {dit.variant} DiT ({dit.description}); the {mode} sampler needs the "
+            f"{mode} DiT ({mode}_fp8/). Super-resolution DiTs go into MagiHuman Super-Resolution"
+        )
+    if dit.variant != mode:
+        log.warning("the %s sampler is running the %s DiT (%s)", mode, dit.variant, dit.description)
     size = clip_size(widgets["seconds"], widgets["width"], widgets["height"])
     image, sound = conditioning_latents(cond, size, *vaes)
     model = dit.managed.use()
@@ -80,7 +92,8 @@ def run_base_stage(dit: LoadedDiT, cond: MagiConditioning, vaes: tuple, widgets:
         hooks=sampling_hooks(widgets["steps"]), device=device, batch_cfg=batch == "batched", mode=mode,
         steps=widgets["steps"], shift=widgets["shift"], guidance=guidance or Guidance(), audio=sound,
     )  # fmt: skip
-    return generate_base(model, request).to(mm.intermediate_device())
+    latent = generate_base(model, request).check_finite(f"{mode} sampling", dit.description)
+    return latent.to(mm.intermediate_device())
 
 
 class DistillSampler(io.ComfyNode):

@@ -6,6 +6,7 @@ from dataclasses import replace
 import comfy.model_management as mm
 from comfy_api.latest import io
 
+from ..fp8.errors import InputError
 from ..pipeline.sampling.requests import DEFAULT_STEPS, SRRequest
 from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
 from ..pipeline.sampling.sizes import SR_TARGETS, clip_size
@@ -107,9 +108,9 @@ class SuperResolution(io.ComfyNode):
     @classmethod
     def execute(cls, sr_dit, latent, conditioning, vae=None, **widgets):
         if not sr_dit.variant.startswith("sr_"):
-            raise ValueError(
-                f"sr_dit is the '{sr_dit.variant}' DiT; super-resolution needs an SR DiT (540p_sr_fp8/ or "
-                "1080p_sr_fp8/), loaded with variant auto, sr_540p or sr_1080p"
+            raise InputError(
+                f"sr_dit is the '{sr_dit.variant}' DiT ({sr_dit.description}); super-resolution needs an SR "
+                "DiT (540p_sr_fp8/ or 1080p_sr_fp8/), loaded with variant auto, sr_540p or sr_1080p"
             )
         target = widgets["target"]
         width, height = SR_TARGETS.get(target, (widgets["width"], widgets["height"]))
@@ -130,4 +131,5 @@ class SuperResolution(io.ComfyNode):
             settings=settings,
         )  # fmt: skip
         result = generate_sr(sr_dit.managed.use(), latent, request)
+        result.check_finite("super-resolution", sr_dit.description)
         return io.NodeOutput(result.to(mm.intermediate_device()))

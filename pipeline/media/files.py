@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from ...fp8.errors import InputError
+from .frames import check_image_size
 from .outputs import atomic_output
 
 log = logging.getLogger(__name__)
-MIN_IMAGE_SIDE = 16  # smaller reference pictures carry no usable face and break the crop-and-resize
 
 
 def write_mp4(
@@ -71,16 +71,8 @@ def read_image(path: str | Path) -> torch.Tensor:
             pixels = frame.to_ndarray(format="rgb24")  # [H, W, 3]
     except (av.error.FFmpegError, StopIteration, OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read this image ({e})") from None
-    check_image_size(pixels.shape[0], pixels.shape[1], str(path))
+    check_image_size(pixels.shape[0], pixels.shape[1], f"{path}: the reference image")
     return torch.from_numpy(pixels).float().div(255).unsqueeze(0)
-
-
-def check_image_size(height: int, width: int, where: str) -> None:
-    if min(height, width) < MIN_IMAGE_SIDE:
-        raise InputError(
-            f"{where}: the reference image is {width}x{height} pixels; it needs at least "
-            f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (a photo of the person's face and upper body works best)"
-        )
 
 
 def read_audio(path: str | Path, seconds: float | None = None) -> dict:

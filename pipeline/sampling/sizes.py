@@ -5,6 +5,8 @@ import logging
 import math
 from dataclasses import dataclass
 
+from ...fp8.errors import InputError
+
 log = logging.getLogger(__name__)
 
 FPS = 25  # video frames and audio latents per second
@@ -65,7 +67,7 @@ class ClipSize:
 def snap(side: int, name: str) -> int:
     """Round a pixel side down to a multiple of 32 (as the official code does), saying so when it changes."""
     if not isinstance(side, int) or side < MIN_SIDE or side > MAX_SIDE:
-        raise ValueError(
+        raise InputError(
             f"{name} must be a whole number of pixels from {MIN_SIDE} to {MAX_SIDE}, got {side!r}"
         )
     snapped = side // SNAP * SNAP
@@ -77,9 +79,9 @@ def snap(side: int, name: str) -> int:
 def clip_size(seconds: float, width: int, height: int) -> ClipSize:
     """Validate a request and snap its size. ``seconds`` must give a whole number of 25 fps frames."""
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS:
-        raise ValueError(f"seconds must be more than 0 and at most {MAX_SECONDS:g}, got {seconds!r}")
+        raise InputError(f"seconds must be more than 0 and at most {MAX_SECONDS:g}, got {seconds!r}")
     if abs(FPS * seconds - round(FPS * seconds)) > 1e-6:
-        raise ValueError(
+        raise InputError(
             f"seconds must be a multiple of 1/{FPS} (whole frames at {FPS} fps), got {seconds!r}; "
             f"e.g. {round(FPS * seconds) / FPS:g}"
         )
@@ -88,5 +90,5 @@ def clip_size(seconds: float, width: int, height: int) -> ClipSize:
 
 def check_steps(steps: int, name: str = "steps") -> int:
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"{name} must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+        raise InputError(f"{name} must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
     return steps
