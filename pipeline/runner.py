@@ -16,6 +16,7 @@ from .codecs.turbo_vae import load_turbo_vae, turbo_files
 from .codecs.wan_vae import load_wan_vae
 from .dit.loading import load_dit
 from .media.files import write_mp4, write_wav
+from .media.outputs import staged_outputs
 from .precision import vae_dtype
 from .preflight import check_run
 from .sampling.loops import Hooks
@@ -160,19 +161,18 @@ def run(
         latent = generate_sr(sr_dit, latent, sr).check_finite("super-resolution", str(paths.sr_dit))
         _free(sr_dit)
 
-    written = []
     decoders = {"turbo": ["turbo"], "wan": ["wan"], "both": ["turbo", "wan"]}[request.decoder]
-    for name in decoders:
-        if name == "turbo":
-            decoder = load_turbo_vae(*turbo_files(paths.turbo_vae), device=device, dtype=dtype)
-        else:
-            decoder = wan or load_wan_vae(paths.wan_vae, device, dtype)
-        frames, audio = decode(latent, decoder, audio_vae)
-        done(f"decoding ({name})")
-        first = name == decoders[0]
-        target = checked.outputs["mp4" if first else name]
-        written.append(write_mp4(target, frames, audio, overwrite=overwrite))
-        if first:
-            written.append(write_wav(checked.outputs["wav"], audio, overwrite))
-        _free(decoder)
-    return written
+    with staged_outputs(checked.outputs, overwrite) as staged:  # all files of the clip appear together
+        for name in decoders:
+            if name == "turbo":
+                decoder = load_turbo_vae(*turbo_files(paths.turbo_vae), device=device, dtype=dtype)
+            else:
+                decoder = wan or load_wan_vae(paths.wan_vae, device, dtype)
+            frames, audio = decode(latent, decoder, audio_vae)
+            done(f"decoding ({name})")
+            first = name == decoders[0]
+            write_mp4(staged["mp4" if first else name], frames, audio)
+            if first:
+                write_wav(staged["wav"], audio)
+            _free(decoder)
+    return list(checked.outputs.values())

@@ -69,6 +69,24 @@ def atomic_output(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def staged_outputs(targets: dict[str, Path], overwrite: bool = False) -> Iterator[dict[str, Path]]:
+    """Yield {name: temporary path} for a set of files that belong together (a clip's mp4 and wav): when the
+    block ends normally all are renamed into place, otherwise none is and the temporaries are removed."""
+    check_outputs(list(targets.values()), overwrite)
+    temporaries = {name: _temporary(path) for name, path in targets.items()}
+    try:
+        yield temporaries
+        missing = [str(targets[name]) for name, path in temporaries.items() if not path.is_file()]
+        if missing:
+            raise OutputError(f"{', '.join(missing)}: not written")
+        for name, path in temporaries.items():
+            os.replace(path, targets[name])
+    finally:
+        for path in temporaries.values():
+            path.unlink(missing_ok=True)
+
+
 def _temporary(path: Path) -> Path:
     """A hidden name in the same folder (so the rename never crosses file systems), unique per process."""
     return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")

@@ -50,6 +50,8 @@ def scan_pickle(path: str | Path) -> PickleScan:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes). Re-download it.")
     with path.open("rb") as f:
         is_zip = f.read(4) == ZIP_MAGIC
     if is_zip:
@@ -83,7 +85,7 @@ def _globals(path: Path, stream, count: int) -> tuple[str, ...]:
         except ValueError as e:
             if index > 3:  # past a legacy file's object pickle
                 break
-            truncated = "exhausted" in str(e) or "not enough data" in str(e)
+            truncated = any(word in str(e) for word in ("exhausted", "not enough data", "remain"))
             raise CheckpointError(
                 f"{path}: "
                 + (

@@ -81,11 +81,10 @@ def convert_pickle(
     source, output = Path(source), Path(output)
     if output.suffix != ".safetensors":
         raise OutputError(f"{output}: the output must end in .safetensors")
-    if output.exists() and not (overwrite and output.is_file()):
-        what = "a folder" if output.is_dir() else "a file"
-        raise OutputError(
-            f"{output}: already exists ({what}); give --overwrite to replace it, or another name"
-        )
+    if output.is_dir():
+        raise OutputError(f"{output}: is a folder; choose another name")
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output}: already exists; give --overwrite to replace it, or choose another name")
     scan = scan_pickle(source)
     if scan.code and not trust:
         raise CheckpointError(
