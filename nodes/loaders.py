@@ -81,8 +81,9 @@ class DiTLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, variant, compute, attention, swap_layers) -> io.NodeOutput:
+        # The file first: a mistyped name is a missing file, not a DiT of unknown variant.
+        path = resolve(model, "diffusion_models", "dit_distill" if variant == "auto" else f"dit_{variant}")
         variant = detect_variant(model) if variant == "auto" else variant
-        path = resolve(model, "diffusion_models", f"dit_{variant}")
         device = mm.get_torch_device()
         mm.free_memory(sum(f.stat().st_size for f in _files(path)), device)
         dit, report = load_dit(path, variant, compute, device, attention, swap_layers=swap_layers)

@@ -10,16 +10,17 @@ import pytest
 import torch
 from conftest import load_cli
 from magihuman.pipeline import runner
-from magihuman.pipeline.demo import build_models
 from magihuman.pipeline.media.files import read_audio, write_wav
 from magihuman.pipeline.media.outputs import atomic_output, clip_outputs
+
+pytest_plugins = ["comfy_fixtures"]  # for demo_models: the tiny stack, built once per session
 
 LOADERS = ("load_text_encoder", "load_wan_vae", "load_audio_vae", "load_dit", "load_turbo_vae")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
+@pytest.fixture
+def models(demo_models):
+    return demo_models
 
 
 @pytest.fixture
