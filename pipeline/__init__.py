@@ -2,7 +2,9 @@
 
 Imports go one way, top to bottom, and never back up (``tests/test_layout.py`` enforces it):
 
-    runner, demo, precision   (this folder: the headless runner, the demo stack, dtype choices)
+    runner, preflight, failures, demo, precision
+                              (this folder: the headless runner, its checks before loading, one-line CLI
+                               errors, the demo stack, dtype choices)
         -> sampling           (schedulers, sampling loops, super-resolution, the stage functions, clip sizes)
         -> dit, codecs        (the DiT and its loading; the VAEs, audio conversions and the text encoder)
         -> media, weights     (image/audio/mp4 I/O, frames; safe torch files, the model catalogue, download)
