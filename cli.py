@@ -514,8 +514,15 @@ def _run_demo(args) -> int:
 DEBUG_HELP = "on an error, show the full traceback (normally one line)"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A mistyped command line is one line too, pointing at the subcommand's help (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python cli.py", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python cli.py", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<subcommand>")
     _add_convert(subparsers)
@@ -535,7 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand, so the hint names its help
+        parser._subparsers._group_actions[0].choices[args.command].error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
     _bootstrap.load()
     from magihuman.pipeline.failures import run_command
 

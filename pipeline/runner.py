@@ -139,7 +139,11 @@ def run(
     sound = None if checked.audio is None else driving_audio(audio_vae, checked.audio, size)
 
     dit, _ = load_dit(
-        paths.dit, checked.dit_variant, request.compute, device, swap_layers=request.swap_layers
+        paths.dit,
+        variant=checked.dit_variant,
+        compute=request.compute,
+        device=device,
+        swap_layers=request.swap_layers,
     )
     base = BaseRequest(
         size=size, text=text, seed=request.seed, negative=negative, image_latent=image_latent,
@@ -150,7 +154,11 @@ def run(
     _free(dit)
     if request.sr_size is not None:
         sr_dit, _ = load_dit(
-            paths.sr_dit, checked.sr_variant, request.compute, device, swap_layers=request.swap_layers
+            paths.sr_dit,
+            variant=checked.sr_variant,
+            compute=request.compute,
+            device=device,
+            swap_layers=request.swap_layers,
         )
         sr_size = clip_size(latent.seconds, *request.sr_size)
         sr_image = None if image is None else reference_latent(wan, image, sr_size.width, sr_size.height)

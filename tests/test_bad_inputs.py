@@ -103,6 +103,24 @@ def test_bad_request_value_is_refused_before_any_model_loads(
     fails_before_loading(models, workspace, capsys, monkeypatch, extra, words)
 
 
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--seconds", "four"], ["argument --seconds: invalid float value: 'four'"]),
+        (["--mode", "fast"], ["argument --mode: invalid choice: 'fast'"]),
+        (["--decoder", "vhs"], ["argument --decoder: invalid choice: 'vhs'"]),
+        (["--colour"], ["unrecognized arguments: --colour"]),
+    ],
+)
+def test_mistyped_command_line_is_one_line_pointing_at_help(models, workspace, capsys, extra, words):
+    with pytest.raises(SystemExit) as exit_:
+        generate(models, workspace / "clip", *extra)
+    assert exit_.value.code == 2
+    line = one_error_line(capsys)
+    assert all(word in line for word in words) and "(see `python cli.py generate --help`)" in line
+    assert contents(workspace) == {"earlier.mp4": b"an earlier clip"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])
 def test_cuda_without_a_gpu_is_refused(models, workspace, capsys, monkeypatch, device):
