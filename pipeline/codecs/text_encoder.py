@@ -174,8 +174,13 @@ def load_text_encoder(
     tokenizer = _tokenizer(folder, AutoTokenizer)  # before the weights: a bad file fails in a second
     checkpoint = Checkpoint(weights)
     mapping = _encoder_state(checkpoint)
-    with torch.device("meta"):
-        model = T5GemmaEncoderModel(config)
+    try:
+        with torch.device("meta"):
+            model = T5GemmaEncoderModel(config)
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError, IndexError) as e:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: describes no buildable T5-Gemma encoder ({type(e).__name__}: {e})"
+        ) from None
     if fp8:
         _swap_linears(model)
     expected_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
@@ -214,8 +219,11 @@ def _config(path: Path, config_class):
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, found {type(raw).__name__}")
         config = config_class.from_dict(raw)
-    except (OSError, UnicodeDecodeError, RecursionError, ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot read the T5-Gemma config ({type(e).__name__}: {e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # transformers validates fields with its own exception types: name the file
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"{path}: cannot read the T5-Gemma config ({reason})") from None
     width = getattr(config.encoder, "hidden_size", None)
     if width != TEXT_WIDTH:
         raise CheckpointError(
