@@ -128,6 +128,12 @@ def test_non_finite_weight_names_file_and_key(tmp_path, dtype, bad):
         checkpoint.load("layer.weight")
 
 
+def test_large_finite_fp16_weights_are_not_mistaken_for_damage(tmp_path):
+    big = torch.full((100, 100), 60000.0, dtype=torch.float16)  # finite, though their fp16 sum is Inf
+    save_file({"big": big}, tmp_path / "model.safetensors")
+    assert torch.equal(Checkpoint(tmp_path / "model.safetensors").load("big"), big)
+
+
 def test_overflow_on_conversion_is_told_apart_from_a_damaged_file(tmp_path):
     save_file({"big": torch.full((3,), 1e30)}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"'big': its values overflow torch.float16"):
