@@ -18,9 +18,9 @@ def status_text(text: str) -> None:
         from server import PromptServer
     except ImportError:  # outside a ComfyUI server (tests, scripts): the log line is all there is
         return
-    context = get_executing_context()
-    if context is not None and PromptServer.instance is not None:
-        PromptServer.instance.send_progress_text(text, context.node_id)
+    context, server = get_executing_context(), getattr(PromptServer, "instance", None)  # set once it runs
+    if context is not None and server is not None:
+        server.send_progress_text(text, context.node_id)
 
 
 def _rgb_factors() -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -219,3 +219,23 @@ DIT_OPTIONS = dict(compute="auto", attention="sdpa", swap_layers=0)
 )  # fmt: skip
 def test_loader_given_a_missing_model_names_the_folder(comfy, node, inputs, words):
     expect(CheckpointError, words, lambda: run(comfy, node, **inputs))
+
+
+def test_status_text_reaches_the_running_node_in_comfyui(comfy, monkeypatch):
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    sent = []
+    server, execution = ModuleType("server"), ModuleType("comfy_execution.utils")
+    server.PromptServer = SimpleNamespace(
+        instance=SimpleNamespace(send_progress_text=lambda *a: sent.append(a))
+    )
+    execution.get_executing_context = lambda: SimpleNamespace(node_id="12")
+    monkeypatch.setitem(sys.modules, "server", server)
+    monkeypatch.setitem(sys.modules, "comfy_execution", ModuleType("comfy_execution"))
+    monkeypatch.setitem(sys.modules, "comfy_execution.utils", execution)
+    comfy.nodes.progress.status_text("prompt too long")
+    assert sent == [("prompt too long", "12")]
+    server.PromptServer = SimpleNamespace()  # ComfyUI imported but its server not started: nothing to show
+    comfy.nodes.progress.status_text("prompt too long")
+    assert len(sent) == 1
