@@ -442,7 +442,7 @@ def _sr_size(text: str | None) -> tuple[int, int] | None:
 def _run_generate(args) -> int:
     from magihuman.fp8.errors import InputError
     from magihuman.pipeline.codecs.text_encoder import NEGATIVE_PROMPT
-    from magihuman.pipeline.preflight import resolve_device
+    from magihuman.pipeline.preflight import check_request, resolve_device
     from magihuman.pipeline.runner import ModelPaths, Request, run
 
     device = str(resolve_device(args.device))
@@ -451,6 +451,7 @@ def _run_generate(args) -> int:
         args.negative or NEGATIVE_PROMPT, _sr_size(args.sr), args.image, args.audio, args.decoder,
         args.compute, args.swap_layers,
     )  # fmt: skip
+    check_request(request)  # the values first, before the models are even looked up
     given = {
         k: getattr(args, k) for k in ("dit", "sr_dit", "text_encoder", "audio_vae", "turbo_vae", "wan_vae")
     }

@@ -94,16 +94,26 @@ def slot_variant(path: Path, flag: str, slot: str, default: str) -> str:
     return variant
 
 
-def check_run(paths, request, output: Path, overwrite: bool = False) -> Checked:
-    """Check a runner request (``ModelPaths``, ``Request``) and its outputs; read the image and audio."""
+def check_request(request) -> tuple[ClipSize, ClipSize | None]:
+    """The values of a runner ``Request`` (no file is touched): (base size, super-resolution size)."""
     check_prompt(request.prompt)
     check_seed(request.seed)
     size = clip_size(request.seconds, request.width, request.height)
     if request.steps is not None:
         check_steps(request.steps)
-    sr_size = None if request.sr_size is None else clip_size(request.seconds, *request.sr_size)
     if request.swap_layers < 0:
         raise InputError(f"--swap-layers must be 0 or more, got {request.swap_layers}")
+    if request.sr_size is None:
+        return size, None
+    try:
+        return size, clip_size(request.seconds, *request.sr_size)
+    except InputError as e:
+        raise InputError(f"--sr {'x'.join(map(str, request.sr_size))}: {e}") from None
+
+
+def check_run(paths, request, output: Path, overwrite: bool = False) -> Checked:
+    """Check a runner request (``ModelPaths``, ``Request``) and its outputs; read the image and audio."""
+    size, sr_size = check_request(request)
     for field, flag in FLAGS.items():
         path = getattr(paths, field)
         if path is not None and not Path(path).exists():
