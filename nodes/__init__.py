@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension
 
 from .conditioning import TextEncode
 from .decode import Decode
+from .download import DownloadModels
 from .loaders import AudioVAELoader, DiTLoader, TextEncoderLoader, VAELoader
 from .samplers import BaseSampler, DistillSampler
 from .super_resolution import SuperResolution
@@ -18,6 +19,7 @@ NODES = [
     BaseSampler,
     SuperResolution,
     Decode,
+    DownloadModels,
 ]
 
 

@@ -38,6 +38,7 @@ NODE_IDS = {
     "MagiHumanBaseSampler",
     "MagiHumanSuperResolution",
     "MagiHumanDecode",
+    "MagiHumanDownloadModels",
 }
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 # Loader inputs that name model files: with real weights absent, the only acceptable validation failures.
