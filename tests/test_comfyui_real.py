@@ -9,6 +9,7 @@ home with its own models, input and output folders, so the checkout is never wri
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from comfyui_server import ComfyServer, PromptRejected, write_home
 from conftest import ROOT
+from hf_standin import GATED, TOKEN, HubStandIn, repos
 from magihuman.pipeline.demo import build_models
 from magihuman.pipeline.media.files import write_wav
 from PIL import Image
@@ -63,12 +65,16 @@ def server(tmp_path_factory):
         home / "input" / "example.wav",
         {"waveform": torch.sin(2 * torch.pi * 220 * t).expand(1, 2, -1), "sample_rate": 44100},
     )
-    comfy = ComfyServer(Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", "python"), home)
-    try:
-        comfy.wait_ready()
-        yield comfy
-    finally:
-        comfy.stop()
+    with HubStandIn(repos(), GATED) as hub:
+        comfy = ComfyServer(
+            Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", "python"), home, {"HF_ENDPOINT": hub.url}
+        )
+        comfy.hub, comfy.home = hub, home
+        try:
+            comfy.wait_ready()
+            yield comfy
+        finally:
+            comfy.stop()
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +179,33 @@ def test_an_interrupt_during_sampling_stops_the_run_and_the_next_run_succeeds(se
 
     again = server.wait(server.queue(api_prompt(object_info, "t2v_distill", seed=8)))
     assert again["status"]["status_str"] == "success", again["status"]
+
+
+def test_the_download_node_fetches_a_workflows_models_into_comfyuis_default_folders(server):
+    """Against a stand-in Hub (HF_ENDPOINT); runs last, and removes what it fetched, since the stand-in's
+    files would shadow the demo models in the loaders."""
+    downloads = server.home / "downloads"
+    try:
+        prompt = {"1": {"class_type": "MagiHumanDownloadModels",
+                        "inputs": {"workflow": "t2v_distill", "token": TOKEN}}}  # fmt: skip
+        entry = server.wait(server.queue(prompt))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        assert "4 models ready" in entry["outputs"]["1"]["text"][0]
+        served = repos()
+        dit, t5 = served["SanDiegoDude/daVinci-MagiHuman-FP8"], served["google/t5gemma-9b-9b-ul2"]
+        turbo, sao = served["GAIR/daVinci-MagiHuman"], served["stabilityai/stable-audio-open-1.0"]
+        shard = "model-00001-of-00001.safetensors"
+        for path, content in (
+            (f"diffusion_models/distill_fp8/{shard}", dit[f"distill_fp8/{shard}"]),
+            ("text_encoders/t5gemma-9b-9b-ul2/config.json", t5["config.json"]),
+            ("vae/turbo_vae/checkpoint-340000.ckpt", turbo["turbo_vae/checkpoint-340000.ckpt"]),
+            ("vae/stable-audio-open-1.0/model.safetensors", sao["model.safetensors"]),
+        ):
+            assert (downloads / path).read_bytes() == content, path
+
+        prompt["1"]["inputs"]["token"] = ""  # gated repositories without a token: a clear error in the UI
+        entry = server.wait(server.queue(prompt))
+        error = dict(entry["status"]["messages"])["execution_error"]
+        assert "is gated" in error["exception_message"] and "token" in error["exception_message"]
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)

@@ -2,58 +2,12 @@
 real huggingface_hub client: what a workflow needs lands in the right ComfyUI folders with a progress bar;
 a broken download resumes where it stopped; gated repositories need the token; offline is a clear error."""
 
-import json
-import random
-
 import pytest
-from hf_standin import HubStandIn
+from hf_standin import GATED, TOKEN, HubStandIn, repos
 from magihuman.pipeline.weights.catalogue import WORKFLOW_FILES
 from magihuman.pipeline.weights.download import DownloadError
 
 pytest_plugins = ["comfy_fixtures"]
-
-TOKEN = "hf_granted"
-
-
-def blob(size: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def repos() -> dict[str, dict[str, bytes]]:
-    """Small stand-ins of the repositories t2v_distill needs, in their published layouts (plus files that
-    must not be fetched: other DiTs, T5-Gemma's decoder shard, READMEs)."""
-    index = {"weight_map": {"model.encoder.a": "model-00001-of-00002.safetensors",
-                            "model.decoder.b": "model-00002-of-00002.safetensors"}}  # fmt: skip
-    return {
-        "SanDiegoDude/daVinci-MagiHuman-FP8": {
-            "distill_fp8/model.safetensors.index.json": b'{"weight_map": {}}',
-            "distill_fp8/model-00001-of-00001.safetensors": blob(1_000_000, 1),
-            "base_fp8/model-00001-of-00001.safetensors": blob(1000, 2),
-            "README.md": b"# FP8",
-        },
-        "google/t5gemma-9b-9b-ul2": {
-            "config.json": b"{}",
-            "tokenizer.json": b"{}",
-            "tokenizer_config.json": b"{}",
-            "special_tokens_map.json": b"{}",
-            "model.safetensors.index.json": json.dumps(index).encode(),
-            "model-00001-of-00002.safetensors": blob(5000, 3),
-            "model-00002-of-00002.safetensors": blob(5000, 4),
-        },
-        "GAIR/daVinci-MagiHuman": {
-            "turbo_vae/TurboV3-Wan22-TinyShallow_7_7.json": b"{}",
-            "turbo_vae/checkpoint-340000.ckpt": blob(3000, 5),
-            "distill/model.safetensors": blob(1000, 6),
-        },
-        "stabilityai/stable-audio-open-1.0": {
-            "model.safetensors": blob(4000, 7),
-            "model_config.json": b"{}",
-            "README.md": b"# SAO",
-        },
-    }
-
-
-GATED = {"google/t5gemma-9b-9b-ul2": TOKEN, "stabilityai/stable-audio-open-1.0": TOKEN}
 
 
 @pytest.fixture
