@@ -15,12 +15,10 @@ from pathlib import Path
 
 import av
 import pytest
-import torch
 from comfyui_server import ComfyServer, PromptRejected, write_home
 from conftest import ROOT
 from hf_standin import GATED, TOKEN, HubStandIn, repos
 from magihuman.pipeline.demo import build_models
-from magihuman.pipeline.media.files import write_wav
 from PIL import Image
 from ui_to_api import to_api
 
@@ -58,13 +56,8 @@ def server(tmp_path_factory):
     for alias, source in (("base_fp8", "distill_fp8"), ("1080p_sr_fp8", "540p_sr_fp8")):
         (diffusion / alias).symlink_to(diffusion / source, target_is_directory=True)
     write_home(home, ROOT, models)
-    # The user files the image and lip-sync workflows load.
+    # The user's picture the image workflow loads (the lip-sync one's example voice the pack installs).
     Image.new("RGB", (160, 90), (200, 120, 80)).save(home / "input" / "example.png")
-    t = torch.arange(44100) / 44100
-    write_wav(
-        home / "input" / "example.wav",
-        {"waveform": torch.sin(2 * torch.pi * 220 * t).expand(1, 2, -1), "sample_rate": 44100},
-    )
     with HubStandIn(repos(), GATED) as hub:
         comfy = ComfyServer(
             Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", "python"), home, {"HF_ENDPOINT": hub.url}
@@ -97,6 +90,12 @@ def test_the_pack_imports_without_errors(server):
     imported = [line for line in log.splitlines() if line.rstrip().endswith("ComfyUI-MagiHuman")]
     assert imported and not any("IMPORT FAILED" in line for line in imported), log[-4000:]
     assert "Cannot import" not in log, log[-4000:]
+
+
+def test_the_pack_installs_the_lipsync_example_voice_into_the_input_folder(server):
+    """So lipsync_distill opens with no missing file (its run below loads it)."""
+    with av.open(str(server.home / "input" / "magihuman_example_voice.wav")) as container:
+        assert container.streams.audio[0].duration or container.duration
 
 
 def test_every_node_is_listed_under_the_magihuman_category(object_info):

@@ -220,3 +220,12 @@ def test_missing_model_files_say_where_they_go_and_where_they_come_from(comfy):
             attention="sdpa",
             swap_layers=0,
         )
+
+
+def test_loading_the_pack_installs_the_example_voice_into_comfyuis_input_folder(comfy, tmp_path):
+    comfy.folder_paths.input_directory = str(tmp_path / "input")
+    try:
+        asyncio.run(asyncio.run(comfy.nodes.comfy_entrypoint()).on_load())
+    finally:
+        comfy.folder_paths.input_directory = ""
+    assert (tmp_path / "input" / "magihuman_example_voice.wav").stat().st_size > 100_000

@@ -9,8 +9,9 @@ import av
 import pytest
 import torch
 from conftest import ROOT
+from magihuman.pipeline.media.example_voice import NAME as EXAMPLE_VOICE
 from magihuman.pipeline.media.files import write_mp4
-from magihuman.pipeline.weights.catalogue import WORKFLOW_FILES
+from magihuman.pipeline.weights.catalogue import MODEL_FILES, WORKFLOW_FILES
 
 pytest_plugins = ["comfy_fixtures"]
 
@@ -44,6 +45,69 @@ def widgets(schema):
 
 def test_the_workflows_are_the_documented_set():
     assert {p.stem for p in WORKFLOWS} == set(WORKFLOW_FILES)
+
+
+# Where nodes can be seen in a 1280x720 window: right of the sidebar, below the top bar, above the bottom.
+VISIBLE = (70, 100, 1250, 690)
+TITLE_HEIGHT = 30  # a node's title bar sits above its pos
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_the_saved_view_shows_every_node_and_the_notes_when_it_opens(path):
+    graph = json.loads(path.read_text())
+    scale, (dx, dy) = graph["extra"]["ds"]["scale"], graph["extra"]["ds"]["offset"]
+    for node in graph["nodes"]:
+        (x, y), (w, h) = node["pos"], node["size"]
+        left, top = (x + dx) * scale, (y - TITLE_HEIGHT + dy) * scale  # screen = (graph + offset) * scale
+        right, bottom = (x + w + dx) * scale, (y + h + dy) * scale
+        assert VISIBLE[0] <= left and right <= VISIBLE[2], f"{node['type']} x {left:.0f}..{right:.0f}"
+        assert VISIBLE[1] <= top and bottom <= VISIBLE[3], f"{node['type']} y {top:.0f}..{bottom:.0f}"
+        # Saved sizes leave room for every socket and widget row, so the frontend does not grow the node
+        # out of the view.
+        rows = max(len(node["inputs"]), len(node["outputs"])) + len(node["widgets_values"])
+        assert h >= 20 * rows, f"{node['type']} is {h} high for {rows} rows"
+    assert scale >= 0.6, "readable at the saved zoom"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_single_file_models_carry_the_frontends_download_metadata(path):
+    """The frontend's Missing Models list offers a download for these (folders: the Download Models node)."""
+    by_path = {entry.path: entry for entry in MODEL_FILES.values() if not entry.path.endswith("/")}
+    found = 0
+    for node in json.loads(path.read_text())["nodes"]:
+        for value in node["widgets_values"]:
+            if isinstance(value, str) and value in by_path:
+                entry, found = by_path[value], found + 1
+                assert {
+                    "name": value,
+                    "url": f"https://huggingface.co/{entry.repo}/resolve/main/{entry.patterns[0]}",
+                    "directory": entry.folder,
+                } in node["properties"]["models"], f"{node['type']}: {value}"
+    singles = [n for n in WORKFLOW_FILES[path.stem] if not MODEL_FILES[n].path.endswith("/")]
+    assert found == len(singles)
+
+
+def test_templates_have_readable_titles_and_descriptions():
+    """The Templates browser shows the file name unless the pack's locale names it (under the folder name
+    of a git clone and of a registry install)."""
+    locale = json.loads((ROOT / "locales" / "en" / "main.json").read_text())["templateWorkflows"]
+    for module in ("ComfyUI-MagiHuman", "magihuman"):
+        assert locale["category"][module] == "daVinci-MagiHuman"
+        for path in WORKFLOWS:
+            graph = json.loads(path.read_text())
+            note = next(n for n in graph["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
+            assert locale["template"][module][path.stem] == graph["extra"]["title"]
+            assert note.startswith(f"## {graph['extra']['title']}\n")
+            assert locale["templateDescription"][module][path.stem] in note
+            assert len(locale["templateDescription"][module][path.stem].split()) >= 8
+
+
+def test_the_lipsync_workflow_loads_the_example_voice_with_a_speaking_prompt():
+    graph = json.loads((ROOT / "workflows" / "lipsync_distill.json").read_text())
+    nodes = {n["type"]: n for n in graph["nodes"]}
+    assert nodes["LoadAudio"]["widgets_values"][0] == EXAMPLE_VOICE
+    prompt = nodes["MagiHumanTextEncode"]["widgets_values"][0]
+    assert "lips" in prompt and "Dialogue" not in prompt  # the words come from the audio
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
