@@ -208,8 +208,8 @@ def test_models_are_registered_and_room_is_made(comfy, stack):
 def test_missing_model_files_say_where_they_go_and_where_they_come_from(comfy):
     with pytest.raises(
         CheckpointError,
-        match=r"'base_fp8/' is not in the 'diffusion_models' folder.*"
-        r"SanDiegoDude/daVinci-MagiHuman-FP8.*download --files dit_base",
+        match=r"'base_fp8/' is not in the 'diffusion_models' folder.*'MagiHuman Download Models' node.*"
+        r"download --files dit_base.*SanDiegoDude/daVinci-MagiHuman-FP8",
     ):
         run(
             comfy,
