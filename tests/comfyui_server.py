@@ -32,6 +32,7 @@ class ComfyServer:
             python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
             "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
             "--output-directory", str(self.output), "--input-directory", str(home / "input"),
+            "--user-directory", str(home / "user"),
             "--extra-model-paths-config", str(home / "extra_model_paths.yaml"),
         ]  # fmt: skip
         with self.log.open("wb") as log:
@@ -115,6 +116,7 @@ def write_home(home: Path, pack: Path, models: Path) -> Path:
     (home / "custom_nodes").mkdir(parents=True)
     (home / "custom_nodes" / "ComfyUI-MagiHuman").symlink_to(pack, target_is_directory=True)
     (home / "input").mkdir()
+    (home / "user").mkdir()
     (home / "output").mkdir()
     (home / "extra_model_paths.yaml").write_text(
         "magihuman_tests:\n"

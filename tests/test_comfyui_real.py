@@ -8,21 +8,18 @@ home with its own models, input and output folders, so the checkout is never wri
 """
 
 import json
-import os
 import shutil
 import time
-from pathlib import Path
 
 import av
 import pytest
-from comfyui_server import ComfyServer, PromptRejected, write_home
+from comfyui_fixtures import COMFYUI_DIR
+from comfyui_server import PromptRejected
 from conftest import ROOT
-from hf_standin import GATED, TOKEN, HubStandIn, repos
-from magihuman.pipeline.demo import build_models
-from PIL import Image
+from hf_standin import TOKEN, repos
 from ui_to_api import to_api
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytest_plugins = ["comfyui_fixtures"]
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (tests/COMFYUI.md)"),
@@ -46,28 +43,6 @@ MODEL_INPUTS = {"model", "text_encoder", "turbo_vae", "wan_vae", "audio_vae"}
 # Small settings so a run takes seconds on CPU: base stage 64x64 for 0.96 s (25 frames), SR to 128x96.
 SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2}
 SMALL_SR = {"target": "custom", "width": 128, "height": 96, "steps": 2}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("comfyui_home")
-    models = build_models(home / "models")
-    diffusion = models / "diffusion_models"
-    for alias, source in (("base_fp8", "distill_fp8"), ("1080p_sr_fp8", "540p_sr_fp8")):
-        (diffusion / alias).symlink_to(diffusion / source, target_is_directory=True)
-    write_home(home, ROOT, models)
-    # The user's picture the image workflow loads (the lip-sync one's example voice the pack installs).
-    Image.new("RGB", (160, 90), (200, 120, 80)).save(home / "input" / "example.png")
-    with HubStandIn(repos(), GATED) as hub:
-        comfy = ComfyServer(
-            Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", "python"), home, {"HF_ENDPOINT": hub.url}
-        )
-        comfy.hub, comfy.home = hub, home
-        try:
-            comfy.wait_ready()
-            yield comfy
-        finally:
-            comfy.stop()
 
 
 @pytest.fixture(scope="module")
