@@ -42,7 +42,8 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 MODEL_INPUTS = {"model", "text_encoder", "turbo_vae", "wan_vae", "audio_vae"}
 # Small settings so a run takes seconds on CPU: base stage 64x64 for 0.96 s (25 frames), SR to 128x96.
 SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2}
-SMALL_SR = {"target": "custom", "width": 128, "height": 96, "steps": 2}
+# The SR target is a dynamic combo: its custom option's widgets go by "target.width" (as the frontend sends).
+SMALL_SR = {"target": "custom", "target.width": 128, "target.height": 96, "steps": 2}
 
 
 @pytest.fixture(scope="module")

@@ -25,22 +25,50 @@ CORE = {
     "Note": ({}, [], 1),
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2, "target": "custom"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2}
 
 
 def schemas(comfy):
     return {n.define_schema().node_id: (n, n.define_schema()) for n in comfy.nodes.NODES}
 
 
-def widgets(schema):
-    """Widget input names in UI order; a seed's control_after_generate slot follows it as None."""
-    names = []
-    for i in schema.inputs:
-        if i.io_type in WIDGET_TYPES:
-            names.append(i.id)
-            if i.kwargs.get("control_after_generate"):
-                names.append(None)
-    return names
+def widgets(schema, values: list) -> list:
+    """(name, input) of each widget slot in UI order: a seed's control_after_generate slot follows it as
+    (None, None); a dynamic combo's key is followed by the widgets of the option ``values`` choose, named
+    "combo.widget"."""
+    slots = []
+
+    def walk(inputs, prefix):
+        for i in inputs:
+            if i.io_type == DYNAMIC_COMBO:
+                slots.append((prefix + i.id, i))
+                key = values[len(slots) - 1]
+                option = next((o for o in i.options if o.key == key), None)
+                assert option, f"{i.id} = {key!r} is not one of {[o.key for o in i.options]}"
+                walk(option.inputs, f"{prefix}{i.id}.")
+            elif i.io_type in WIDGET_TYPES:
+                slots.append((prefix + i.id, i))
+                if i.kwargs.get("control_after_generate"):
+                    slots.append((None, None))
+
+    walk(schema.inputs, "")
+    return slots
+
+
+def arguments(schema, values: list) -> dict:
+    """The execute keywords ComfyUI builds from widget values: a dynamic combo is one dict holding its key
+    under its own name and its option's widgets."""
+    kwargs = {}
+    for (name, spec), value in zip(widgets(schema, values), values, strict=True):
+        if name is None:
+            continue
+        *parents, leaf = name.split(".")
+        holder = kwargs
+        for parent in parents:
+            holder = holder[parent]
+        holder[leaf] = {leaf: value} if spec.io_type == DYNAMIC_COMBO else value
+    return kwargs
 
 
 def test_the_workflows_are_the_documented_set():
@@ -128,17 +156,17 @@ def test_graph_uses_known_nodes_and_matching_widgets_and_links(comfy, path):
         assert n["type"] in ours or n["type"] in CORE, f"unknown node {n['type']}"
         if n["type"] in ours:
             schema = ours[n["type"]][1]
-            expected = widgets(schema)
+            expected = widgets(schema, n["widgets_values"])
             assert len(n["widgets_values"]) == len(expected), f"{n['type']} widgets"
-            for name, value in zip(expected, n["widgets_values"], strict=True):
-                spec = next((i for i in schema.inputs if i.id == name), None)
+            for (name, spec), value in zip(expected, n["widgets_values"], strict=True):
                 if (
                     spec is not None
                     and spec.io_type == "COMBO"
                     and not name.endswith(("model", "vae", "encoder"))
                 ):
                     assert value in spec.options, f"{n['type']}.{name} = {value!r}"
-            required = {i.id for i in schema.inputs if i.io_type not in WIDGET_TYPES and not i.optional}
+            sockets = [i for i in schema.inputs if i.io_type not in WIDGET_TYPES | {DYNAMIC_COMBO}]
+            required = {i.id for i in sockets if not i.optional}
             linked = {i["name"] for i in n["inputs"] if i["link"] is not None}
             assert required <= linked, f"{n['type']} misses {required - linked}"
         else:
@@ -192,13 +220,12 @@ def execute(comfy, ours, node, inputs, output_dir, written):
         written.append(write_mp4(path, components.images, components.audio, int(components.frame_rate)))
         return ()
     cls, schema = ours[kind]
-    values = dict(zip(widgets(schema), node["widgets_values"], strict=True))
-    values.pop(None, None)
+    values = arguments(schema, node["widgets_values"])
     for name, small in SMALL.items():
         if name in values:
             values[name] = min(values[name], small) if name == "steps" else small
     if kind == "MagiHumanSuperResolution":
-        values.update(width=128, height=96)
+        values["target"] = {"target": "custom", "width": 128, "height": 96}
     return cls.execute(**values, **inputs).result
 
 
