@@ -19,6 +19,34 @@ from .types import CONDITIONING, DIT, LATENT, VIDEO_VAE
 log = logging.getLogger(__name__)
 
 
+def _target_inputs() -> list:
+    """The SR size: 540p, 1080p, or custom with a width and height that show only for custom (a dynamic
+    combo, ComfyUI 0.33's V3 API); where io has no DynamicCombo, the plain combo and both sizes."""
+    tooltip = "540p = 896x512, 1080p = 1920x1088 (use the 1080p SR DiT), or custom: a width and height."
+    custom = [
+        io.Int.Input("width", default=1280, min=64, max=4096, step=32, tooltip="Custom target width."),
+        io.Int.Input("height", default=704, min=64, max=4096, step=32, tooltip="Custom target height."),
+    ]
+    if not hasattr(io, "DynamicCombo"):
+        return [
+            io.Combo.Input("target", options=[*SR_TARGETS, "custom"], default="540p", tooltip=tooltip),
+            *custom,
+        ]
+    options = [io.DynamicCombo.Option(name, []) for name in SR_TARGETS] + [
+        io.DynamicCombo.Option("custom", custom)
+    ]
+    return [io.DynamicCombo.Input("target", options=options, tooltip=tooltip)]
+
+
+def _target_size(widgets: dict) -> tuple[str, tuple[int, int]]:
+    """(target name, (width, height)) from the widgets: a dynamic combo arrives as one dict (its key under
+    its own name, the chosen option's widgets beside it), the fallback as separate values."""
+    target = widgets["target"]
+    chosen = target if isinstance(target, dict) else widgets
+    name = target["target"] if isinstance(target, dict) else target
+    return name, SR_TARGETS.get(name) or (chosen["width"], chosen["height"])
+
+
 class SuperResolution(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -32,18 +60,7 @@ class SuperResolution(io.ComfyNode):
                 DIT.Input("sr_dit", tooltip="An SR DiT (540p_sr_fp8/ or 1080p_sr_fp8/) from the DiT loader."),
                 LATENT.Input("latent", tooltip="A base-stage latent from a MagiHuman sampler."),
                 CONDITIONING.Input("conditioning", tooltip="The same conditioning as the base stage."),
-                io.Combo.Input(
-                    "target",
-                    options=[*SR_TARGETS, "custom"],
-                    default="540p",
-                    tooltip="540p = 896x512, 1080p = 1920x1088 (use the 1080p SR DiT), or custom.",
-                ),
-                io.Int.Input(
-                    "width", default=1280, min=64, max=4096, step=32, tooltip="Custom target width."
-                ),
-                io.Int.Input(
-                    "height", default=704, min=64, max=4096, step=32, tooltip="Custom target height."
-                ),
+                *_target_inputs(),
                 io.Int.Input(
                     "seed",
                     default=42,
@@ -112,8 +129,7 @@ class SuperResolution(io.ComfyNode):
                 f"sr_dit is the '{sr_dit.variant}' DiT ({sr_dit.description}); super-resolution needs an SR "
                 "DiT (540p_sr_fp8/ or 1080p_sr_fp8/), loaded with variant auto, sr_540p or sr_1080p"
             )
-        target = widgets["target"]
-        width, height = SR_TARGETS.get(target, (widgets["width"], widgets["height"]))
+        target, (width, height) = _target_size(widgets)
         if target == "1080p" and sr_dit.variant != "sr_1080p":
             log.warning(
                 "1080p super-resolution with the %s DiT: the 1080p SR DiT is made for it", sr_dit.variant

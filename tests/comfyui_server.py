@@ -20,7 +20,7 @@ class PromptRejected(Exception):
 
 
 class ComfyServer:
-    def __init__(self, comfyui_dir: Path, python: str, home: Path):
+    def __init__(self, comfyui_dir: Path, python: str, home: Path, env: dict | None = None):
         self.home = home
         self.output = home / "output"
         self.log = home / "comfyui.log"
@@ -32,6 +32,7 @@ class ComfyServer:
             python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
             "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
             "--output-directory", str(self.output), "--input-directory", str(home / "input"),
+            "--user-directory", str(home / "user"),
             "--extra-model-paths-config", str(home / "extra_model_paths.yaml"),
         ]  # fmt: skip
         with self.log.open("wb") as log:
@@ -40,7 +41,7 @@ class ComfyServer:
                 cwd=comfyui_dir,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=os.environ | {"PYTHONUNBUFFERED": "1"},
+                env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {}),
             )
 
     def wait_ready(self, timeout: float = 180) -> None:
@@ -110,10 +111,12 @@ class ComfyServer:
 
 def write_home(home: Path, pack: Path, models: Path) -> Path:
     """The server's temporary home: the pack under ``custom_nodes/ComfyUI-MagiHuman`` (a link), input and
-    output folders, and an extra_model_paths.yaml pointing ComfyUI at both."""
+    output folders, and an extra_model_paths.yaml pointing ComfyUI at them and at the models; ``downloads/``
+    is the default models folder (first in each list: where downloads go, never the ComfyUI checkout)."""
     (home / "custom_nodes").mkdir(parents=True)
     (home / "custom_nodes" / "ComfyUI-MagiHuman").symlink_to(pack, target_is_directory=True)
     (home / "input").mkdir()
+    (home / "user").mkdir()
     (home / "output").mkdir()
     (home / "extra_model_paths.yaml").write_text(
         "magihuman_tests:\n"
@@ -122,5 +125,11 @@ def write_home(home: Path, pack: Path, models: Path) -> Path:
         f"  diffusion_models: {models / 'diffusion_models'}\n"
         f"  vae: {models / 'vae'}\n"
         f"  text_encoders: {models / 'text_encoders'}\n"
+        "magihuman_downloads:\n"
+        f"  base_path: {home / 'downloads'}\n"
+        "  is_default: true\n"
+        "  diffusion_models: diffusion_models\n"
+        "  vae: vae\n"
+        "  text_encoders: text_encoders\n"
     )
     return home

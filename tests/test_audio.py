@@ -103,3 +103,21 @@ def test_bad_user_audio_is_a_clear_error():
         from_audio({"waveform": torch.zeros(1, 6, 1000), "sample_rate": 48000}, 26)
     with pytest.raises(ValueError, match="AUDIO dict"):
         from_audio({"samples": torch.zeros(1, 2, 10)}, 26)
+
+
+def test_the_example_voice_is_speech_like_and_installed_once(tmp_path):
+    from magihuman.pipeline.media.example_voice import NAME, RATE, example_voice, install_example_voice
+    from magihuman.pipeline.media.files import read_audio
+
+    voice = example_voice()["waveform"][0, 0]  # [N]
+    assert voice.shape == (4 * RATE,) and voice.abs().max() == pytest.approx(0.5)
+    loud = (voice.unfold(0, 160, 160).abs().amax(1) > 0.05).float()  # [frames of 10 ms]
+    assert 0.4 < loud.mean() < 0.9, "phrases with pauses between them"
+    assert (loud[1:] != loud[:-1]).sum() >= 20, "syllables start and stop"
+    path = install_example_voice(tmp_path / "input")
+    assert path.name == NAME and path.stat().st_size < 200_000
+    audio = read_audio(path)
+    assert audio["sample_rate"] == RATE and audio["waveform"].shape == (1, 1, 4 * RATE)
+    path.write_bytes(b"the user's own file")
+    install_example_voice(tmp_path / "input")
+    assert path.read_bytes() == b"the user's own file"

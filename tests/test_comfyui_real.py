@@ -8,21 +8,18 @@ home with its own models, input and output folders, so the checkout is never wri
 """
 
 import json
-import os
+import shutil
 import time
-from pathlib import Path
 
 import av
 import pytest
-import torch
-from comfyui_server import ComfyServer, PromptRejected, write_home
+from comfyui_fixtures import COMFYUI_DIR
+from comfyui_server import PromptRejected
 from conftest import ROOT
-from magihuman.pipeline.demo import build_models
-from magihuman.pipeline.media.files import write_wav
-from PIL import Image
+from hf_standin import TOKEN, repos
 from ui_to_api import to_api
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytest_plugins = ["comfyui_fixtures"]
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (tests/COMFYUI.md)"),
@@ -38,36 +35,15 @@ NODE_IDS = {
     "MagiHumanBaseSampler",
     "MagiHumanSuperResolution",
     "MagiHumanDecode",
+    "MagiHumanDownloadModels",
 }
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 # Loader inputs that name model files: with real weights absent, the only acceptable validation failures.
 MODEL_INPUTS = {"model", "text_encoder", "turbo_vae", "wan_vae", "audio_vae"}
 # Small settings so a run takes seconds on CPU: base stage 64x64 for 0.96 s (25 frames), SR to 128x96.
 SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2}
-SMALL_SR = {"target": "custom", "width": 128, "height": 96, "steps": 2}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("comfyui_home")
-    models = build_models(home / "models")
-    diffusion = models / "diffusion_models"
-    for alias, source in (("base_fp8", "distill_fp8"), ("1080p_sr_fp8", "540p_sr_fp8")):
-        (diffusion / alias).symlink_to(diffusion / source, target_is_directory=True)
-    write_home(home, ROOT, models)
-    # The user files the image and lip-sync workflows load.
-    Image.new("RGB", (160, 90), (200, 120, 80)).save(home / "input" / "example.png")
-    t = torch.arange(44100) / 44100
-    write_wav(
-        home / "input" / "example.wav",
-        {"waveform": torch.sin(2 * torch.pi * 220 * t).expand(1, 2, -1), "sample_rate": 44100},
-    )
-    comfy = ComfyServer(Path(COMFYUI_DIR), os.environ.get("COMFYUI_PYTHON", "python"), home)
-    try:
-        comfy.wait_ready()
-        yield comfy
-    finally:
-        comfy.stop()
+# The SR target is a dynamic combo: its custom option's widgets go by "target.width" (as the frontend sends).
+SMALL_SR = {"target": "custom", "target.width": 128, "target.height": 96, "steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +66,12 @@ def test_the_pack_imports_without_errors(server):
     imported = [line for line in log.splitlines() if line.rstrip().endswith("ComfyUI-MagiHuman")]
     assert imported and not any("IMPORT FAILED" in line for line in imported), log[-4000:]
     assert "Cannot import" not in log, log[-4000:]
+
+
+def test_the_pack_installs_the_lipsync_example_voice_into_the_input_folder(server):
+    """So lipsync_distill opens with no missing file (its run below loads it)."""
+    with av.open(str(server.home / "input" / "magihuman_example_voice.wav")) as container:
+        assert container.streams.audio[0].duration or container.duration
 
 
 def test_every_node_is_listed_under_the_magihuman_category(object_info):
@@ -172,3 +154,33 @@ def test_an_interrupt_during_sampling_stops_the_run_and_the_next_run_succeeds(se
 
     again = server.wait(server.queue(api_prompt(object_info, "t2v_distill", seed=8)))
     assert again["status"]["status_str"] == "success", again["status"]
+
+
+def test_the_download_node_fetches_a_workflows_models_into_comfyuis_default_folders(server):
+    """Against a stand-in Hub (HF_ENDPOINT); runs last, and removes what it fetched, since the stand-in's
+    files would shadow the demo models in the loaders."""
+    downloads = server.home / "downloads"
+    try:
+        prompt = {"1": {"class_type": "MagiHumanDownloadModels",
+                        "inputs": {"workflow": "t2v_distill", "token": TOKEN}}}  # fmt: skip
+        entry = server.wait(server.queue(prompt))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        assert "4 models ready" in entry["outputs"]["1"]["text"][0]
+        served = repos()
+        dit, t5 = served["SanDiegoDude/daVinci-MagiHuman-FP8"], served["google/t5gemma-9b-9b-ul2"]
+        turbo, sao = served["GAIR/daVinci-MagiHuman"], served["stabilityai/stable-audio-open-1.0"]
+        shard = "model-00001-of-00001.safetensors"
+        for path, content in (
+            (f"diffusion_models/distill_fp8/{shard}", dit[f"distill_fp8/{shard}"]),
+            ("text_encoders/t5gemma-9b-9b-ul2/config.json", t5["config.json"]),
+            ("vae/turbo_vae/checkpoint-340000.ckpt", turbo["turbo_vae/checkpoint-340000.ckpt"]),
+            ("vae/stable-audio-open-1.0/model.safetensors", sao["model.safetensors"]),
+        ):
+            assert (downloads / path).read_bytes() == content, path
+
+        prompt["1"]["inputs"]["token"] = ""  # gated repositories without a token: a clear error in the UI
+        entry = server.wait(server.queue(prompt))
+        error = dict(entry["status"]["messages"])["execution_error"]
+        assert "is gated" in error["exception_message"] and "token" in error["exception_message"]
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)

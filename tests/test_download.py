@@ -155,3 +155,4 @@ def test_missing_file_message_says_where_and_how():
     assert "stable-audio-open-1.0/model.safetensors" in text and "'vae' folder" in text
     assert "huggingface.co/stabilityai/stable-audio-open-1.0" in text and "gated" in text
     assert "python cli.py download --files audio_vae" in text and "about 4.85 GB" in text
+    assert "'MagiHuman Download Models' node" in text and "t2v_distill" in text

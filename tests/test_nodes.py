@@ -2,6 +2,7 @@
 execute driving the pipeline on the tiny demo models, as a workflow would chain them."""
 
 import asyncio
+import sys
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_every_schema_builds_with_unique_ids_tooltips_and_one_category_root(comf
         assert schema.display_name and schema.description
         for i in schema.inputs:
             assert i.tooltip, f"{schema.node_id}.{i.id} has no tooltip"
-    assert len(ids) == len(set(ids)) == 9
+    assert len(ids) == len(set(ids)) == 10
 
 
 def test_our_objects_travel_on_our_own_socket_types(comfy):
@@ -118,8 +119,9 @@ def test_text_to_video_then_super_resolution_then_decode(comfy, stack):
     )
     assert [u[0] for u in comfy.utils.bars[-1].updates] == list(range(1, 9))  # one progress update per step
     (sr,) = run(comfy, "SuperResolution", sr_dit=stack["sr_dit"], latent=latent, conditioning=stack["cond"],
-                target="custom", width=128, height=96, seed=2, steps=5, shift=5.0, noise_index=220,
-                audio_noise_scale=0.7, sr_cfg=1.0, cfg_trick_frames=13, cfg_trick_value=2.0)  # fmt: skip
+                target={"target": "custom", "width": 128, "height": 96}, seed=2, steps=5, shift=5.0,
+                noise_index=220, audio_noise_scale=0.7, sr_cfg=1.0, cfg_trick_frames=13,
+                cfg_trick_value=2.0)  # fmt: skip
     assert sr.video.shape == (1, 48, 7, 6, 8) and sr.stage == "sr" and torch.equal(sr.audio, latent.audio)
     frames, audio, video = run(comfy, "Decode", latent=sr, vae=stack["vae"], audio_vae=stack["audio_vae"],
                                decoder="turbo", offload_frames=True, tile=0)  # fmt: skip
@@ -164,7 +166,7 @@ def test_missing_inputs_for_image_or_audio_are_explained(comfy, stack):
         run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="  ", negative_prompt="x")
     with pytest.raises(ValueError, match="super-resolution needs an SR DiT"):
         run(comfy, "SuperResolution", sr_dit=stack["dit"], latent=sample(comfy, stack),
-            conditioning=stack["cond"], target="540p", width=0, height=0, seed=0, steps=1, shift=5.0,
+            conditioning=stack["cond"], target={"target": "540p"}, seed=0, steps=1, shift=5.0,
             noise_index=220, audio_noise_scale=0.7, sr_cfg=1.0, cfg_trick_frames=13,
             cfg_trick_value=2.0)  # fmt: skip
 
@@ -208,8 +210,8 @@ def test_models_are_registered_and_room_is_made(comfy, stack):
 def test_missing_model_files_say_where_they_go_and_where_they_come_from(comfy):
     with pytest.raises(
         CheckpointError,
-        match=r"'base_fp8/' is not in the 'diffusion_models' folder.*"
-        r"SanDiegoDude/daVinci-MagiHuman-FP8.*download --files dit_base",
+        match=r"'base_fp8/' is not in the 'diffusion_models' folder.*'MagiHuman Download Models' node.*"
+        r"download --files dit_base.*SanDiegoDude/daVinci-MagiHuman-FP8",
     ):
         run(
             comfy,
@@ -220,3 +222,28 @@ def test_missing_model_files_say_where_they_go_and_where_they_come_from(comfy):
             attention="sdpa",
             swap_layers=0,
         )
+
+
+def test_loading_the_pack_installs_the_example_voice_into_comfyuis_input_folder(comfy, tmp_path):
+    comfy.folder_paths.input_directory = str(tmp_path / "input")
+    try:
+        asyncio.run(asyncio.run(comfy.nodes.comfy_entrypoint()).on_load())
+    finally:
+        comfy.folder_paths.input_directory = ""
+    assert (tmp_path / "input" / "magihuman_example_voice.wav").stat().st_size > 100_000
+
+
+def test_sr_width_and_height_show_only_for_a_custom_target(comfy, monkeypatch):
+    """A dynamic combo: 540p and 1080p bring no inputs, custom brings width and height (as the dict
+    ComfyUI passes). Without DynamicCombo (older ComfyUI) they are plain widgets, read only for custom."""
+    module = sys.modules["magihuman.nodes.super_resolution"]
+    (target,) = [i for i in module.SuperResolution.define_schema().inputs if i.id == "target"]
+    assert {o.key: [i.id for i in o.inputs] for o in target.options} == {
+        "540p": [], "1080p": [], "custom": ["width", "height"]}  # fmt: skip
+    assert module._target_size({"target": {"target": "1080p"}}) == ("1080p", (1920, 1088))
+    assert module._target_size({"target": {"target": "custom", "width": 320, "height": 192}})[1] == (320, 192)
+    monkeypatch.delattr(comfy.latest.io, "DynamicCombo")
+    ids = [i.id for i in module.SuperResolution.define_schema().inputs]
+    assert ids[3:6] == ["target", "width", "height"]
+    assert module._target_size({"target": "540p", "width": 64, "height": 64}) == ("540p", (896, 512))
+    assert module._target_size({"target": "custom", "width": 64, "height": 96}) == ("custom", (64, 96))

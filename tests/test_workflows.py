@@ -9,8 +9,9 @@ import av
 import pytest
 import torch
 from conftest import ROOT
+from magihuman.pipeline.media.example_voice import NAME as EXAMPLE_VOICE
 from magihuman.pipeline.media.files import write_mp4
-from magihuman.pipeline.weights.catalogue import WORKFLOW_FILES
+from magihuman.pipeline.weights.catalogue import MODEL_FILES, WORKFLOW_FILES
 
 pytest_plugins = ["comfy_fixtures"]
 
@@ -24,26 +25,122 @@ CORE = {
     "Note": ({}, [], 1),
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2, "target": "custom"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2}
 
 
 def schemas(comfy):
     return {n.define_schema().node_id: (n, n.define_schema()) for n in comfy.nodes.NODES}
 
 
-def widgets(schema):
-    """Widget input names in UI order; a seed's control_after_generate slot follows it as None."""
-    names = []
-    for i in schema.inputs:
-        if i.io_type in WIDGET_TYPES:
-            names.append(i.id)
-            if i.kwargs.get("control_after_generate"):
-                names.append(None)
-    return names
+def widgets(schema, values: list) -> list:
+    """(name, input) of each widget slot in UI order: a seed's control_after_generate slot follows it as
+    (None, None); a dynamic combo's key is followed by the widgets of the option ``values`` choose, named
+    "combo.widget"."""
+    slots = []
+
+    def walk(inputs, prefix):
+        for i in inputs:
+            if i.io_type == DYNAMIC_COMBO:
+                slots.append((prefix + i.id, i))
+                key = values[len(slots) - 1]
+                option = next((o for o in i.options if o.key == key), None)
+                assert option, f"{i.id} = {key!r} is not one of {[o.key for o in i.options]}"
+                walk(option.inputs, f"{prefix}{i.id}.")
+            elif i.io_type in WIDGET_TYPES:
+                slots.append((prefix + i.id, i))
+                if i.kwargs.get("control_after_generate"):
+                    slots.append((None, None))
+
+    walk(schema.inputs, "")
+    return slots
+
+
+def arguments(schema, values: list) -> dict:
+    """The execute keywords ComfyUI builds from widget values: a dynamic combo is one dict holding its key
+    under its own name and its option's widgets."""
+    kwargs = {}
+    for (name, spec), value in zip(widgets(schema, values), values, strict=True):
+        if name is None:
+            continue
+        *parents, leaf = name.split(".")
+        holder = kwargs
+        for parent in parents:
+            holder = holder[parent]
+        holder[leaf] = {leaf: value} if spec.io_type == DYNAMIC_COMBO else value
+    return kwargs
 
 
 def test_the_workflows_are_the_documented_set():
     assert {p.stem for p in WORKFLOWS} == set(WORKFLOW_FILES)
+
+
+# Where nodes can be seen in a 1280x720 window (frontend 1.49): right of the sidebar, below the tabs and the
+# Run bar, above the bottom, and not under the minimap in the bottom right corner (tests/test_browser.py
+# checks the real page).
+VISIBLE = (70, 100, 1250, 690)
+MINIMAP = (1020, 460, 1280, 720)
+TITLE_HEIGHT = 30  # a node's title bar sits above its pos
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_the_saved_view_shows_every_node_and_the_notes_when_it_opens(path):
+    graph = json.loads(path.read_text())
+    scale, (dx, dy) = graph["extra"]["ds"]["scale"], graph["extra"]["ds"]["offset"]
+    for node in graph["nodes"]:
+        (x, y), (w, h) = node["pos"], node["size"]
+        left, top = (x + dx) * scale, (y - TITLE_HEIGHT + dy) * scale  # screen = (graph + offset) * scale
+        right, bottom = (x + w + dx) * scale, (y + h + dy) * scale
+        assert VISIBLE[0] <= left and right <= VISIBLE[2], f"{node['type']} x {left:.0f}..{right:.0f}"
+        assert VISIBLE[1] <= top and bottom <= VISIBLE[3], f"{node['type']} y {top:.0f}..{bottom:.0f}"
+        clear = right <= MINIMAP[0] or bottom <= MINIMAP[1]
+        assert clear, f"{node['type']} at {left:.0f},{top:.0f}..{right:.0f},{bottom:.0f} is under the minimap"
+        # Saved sizes leave room for every socket and widget row, so the frontend does not grow the node
+        # out of the view.
+        rows = max(len(node["inputs"]), len(node["outputs"])) + len(node["widgets_values"])
+        assert h >= 20 * rows, f"{node['type']} is {h} high for {rows} rows"
+    assert scale >= 0.6, "readable at the saved zoom"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_single_file_models_carry_the_frontends_download_metadata(path):
+    """The frontend's Missing Models list offers a download for these (folders: the Download Models node)."""
+    by_path = {entry.path: entry for entry in MODEL_FILES.values() if not entry.path.endswith("/")}
+    found = 0
+    for node in json.loads(path.read_text())["nodes"]:
+        for value in node["widgets_values"]:
+            if isinstance(value, str) and value in by_path:
+                entry, found = by_path[value], found + 1
+                assert {
+                    "name": value,
+                    "url": f"https://huggingface.co/{entry.repo}/resolve/main/{entry.patterns[0]}",
+                    "directory": entry.folder,
+                } in node["properties"]["models"], f"{node['type']}: {value}"
+    singles = [n for n in WORKFLOW_FILES[path.stem] if not MODEL_FILES[n].path.endswith("/")]
+    assert found == len(singles)
+
+
+def test_templates_have_readable_descriptions_and_a_category_name():
+    """The Templates browser titles a pack's card by its file name (frontend 1.49), and shows the pack's
+    folder name and the file name again as category and description, unless the pack's locale gives them
+    (keyed by the folder name of a git clone and of a registry install). The notes start with the title."""
+    locale = json.loads((ROOT / "locales" / "en" / "main.json").read_text())["templateWorkflows"]
+    for module in ("ComfyUI-MagiHuman", "magihuman"):
+        assert locale["category"][module] == "daVinci-MagiHuman"
+        for path in WORKFLOWS:
+            graph = json.loads(path.read_text())
+            note = next(n for n in graph["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
+            assert note.startswith(f"## {graph['extra']['title']}\n")
+            description = locale["templateDescription"][module][path.stem]
+            assert description in note and len(description.split()) >= 8
+
+
+def test_the_lipsync_workflow_loads_the_example_voice_with_a_speaking_prompt():
+    graph = json.loads((ROOT / "workflows" / "lipsync_distill.json").read_text())
+    nodes = {n["type"]: n for n in graph["nodes"]}
+    assert nodes["LoadAudio"]["widgets_values"][0] == EXAMPLE_VOICE
+    prompt = nodes["MagiHumanTextEncode"]["widgets_values"][0]
+    assert "lips" in prompt and "Dialogue" not in prompt  # the words come from the audio
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -59,17 +156,17 @@ def test_graph_uses_known_nodes_and_matching_widgets_and_links(comfy, path):
         assert n["type"] in ours or n["type"] in CORE, f"unknown node {n['type']}"
         if n["type"] in ours:
             schema = ours[n["type"]][1]
-            expected = widgets(schema)
+            expected = widgets(schema, n["widgets_values"])
             assert len(n["widgets_values"]) == len(expected), f"{n['type']} widgets"
-            for name, value in zip(expected, n["widgets_values"], strict=True):
-                spec = next((i for i in schema.inputs if i.id == name), None)
+            for (name, spec), value in zip(expected, n["widgets_values"], strict=True):
                 if (
                     spec is not None
                     and spec.io_type == "COMBO"
                     and not name.endswith(("model", "vae", "encoder"))
                 ):
                     assert value in spec.options, f"{n['type']}.{name} = {value!r}"
-            required = {i.id for i in schema.inputs if i.io_type not in WIDGET_TYPES and not i.optional}
+            sockets = [i for i in schema.inputs if i.io_type not in WIDGET_TYPES | {DYNAMIC_COMBO}]
+            required = {i.id for i in sockets if not i.optional}
             linked = {i["name"] for i in n["inputs"] if i["link"] is not None}
             assert required <= linked, f"{n['type']} misses {required - linked}"
         else:
@@ -123,13 +220,12 @@ def execute(comfy, ours, node, inputs, output_dir, written):
         written.append(write_mp4(path, components.images, components.audio, int(components.frame_rate)))
         return ()
     cls, schema = ours[kind]
-    values = dict(zip(widgets(schema), node["widgets_values"], strict=True))
-    values.pop(None, None)
+    values = arguments(schema, node["widgets_values"])
     for name, small in SMALL.items():
         if name in values:
             values[name] = min(values[name], small) if name == "steps" else small
     if kind == "MagiHumanSuperResolution":
-        values.update(width=128, height=96)
+        values["target"] = {"target": "custom", "width": 128, "height": 96}
     return cls.execute(**values, **inputs).result
 
 

@@ -3,10 +3,15 @@
 ComfyUI core has no converter (the frontend's ``graphToPrompt`` does this in TypeScript). This one covers
 what our example workflows use: plain nodes, links, muted/bypassed nodes and frontend-only notes (dropped),
 the extra ``widgets_values`` slots that the frontend stores after some widgets (control_after_generate,
-upload buttons), and widget defaults for values the file does not hold.
+upload buttons), dynamic combos, and widget defaults for values the file does not hold.
+
+A dynamic combo (``COMFY_DYNAMICCOMBO_V3``, ComfyUI 0.33's Save Video ``format`` or our SR ``target``) is one
+widget slot for its key, followed by the widgets of the chosen option, recursively; in the API prompt the
+nested ones are named ``parent.child`` (``format.codec``), as the frontend sends them.
 """
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 MUTED, BYPASSED = 2, 4
 # Slots the frontend stores after a file combo with an upload button: the button ("image" for LoadImage);
 # LoadAudio adds its player widget too.
@@ -27,6 +32,47 @@ def _extra_slots(options: dict) -> int:
     return extra + sum(n for flag, n in UPLOAD_SLOTS.items() if options.get(flag))
 
 
+def _options(spec: list) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def _ordered(schema: dict):
+    """(name, spec) of an ``input`` dict's required then optional entries, in the server's order."""
+    for section in ("required", "optional"):
+        specs = schema.get(section, {})
+        for name in schema.get("input_order", {}).get(section, list(specs)):
+            yield name, specs[name]
+
+
+class _Widgets:
+    """Reads a node's ``widgets_values`` slot by slot."""
+
+    def __init__(self, values: list):
+        self.values, self.position = values, 0
+
+    def take(self, default, extra: int = 0):
+        value = self.values[self.position] if self.position < len(self.values) else default
+        self.position += 1 + extra
+        return value
+
+
+def _read(schema: dict, widgets: _Widgets, prefix: str, inputs: dict) -> None:
+    for name, spec in _ordered(schema):
+        options = _options(spec)
+        if spec[0] == DYNAMIC_COMBO:
+            keys = [option["key"] for option in options["options"]]
+            key = widgets.take(options.get("default", keys[0]))
+            inputs[prefix + name] = key
+            if key not in keys:
+                raise ConversionError(f"{prefix + name}: {key!r} is not one of {keys}")
+            chosen = options["options"][keys.index(key)]["inputs"]
+            _read(chosen, widgets, f"{prefix}{name}.", inputs)
+        elif _is_widget(spec):
+            value = widgets.take(options.get("default"), _extra_slots(options))
+            if value is not None:
+                inputs[prefix + name] = value
+
+
 def to_api(workflow: dict, object_info: dict) -> dict:
     """The API prompt {node id: {"class_type", "inputs", "_meta"}} of a UI workflow."""
     links = {link[0]: link for link in workflow.get("links", [])}
@@ -37,31 +83,17 @@ def to_api(workflow: dict, object_info: dict) -> dict:
             continue
         if kind not in object_info:
             raise ConversionError(f"node {node['id']}: type '{kind}' is not installed in this ComfyUI")
-        info = object_info[kind]
-        linked = {
-            socket["name"]: links[socket["link"]]
-            for socket in node.get("inputs", [])
-            if socket.get("link") is not None
-        }
         values = node.get("widgets_values") or []
-        position, inputs = 0, {}
-        for section in ("required", "optional"):
-            specs = info["input"].get(section, {})
-            for name in info.get("input_order", {}).get(section, list(specs)):
-                spec = specs[name]
-                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                if _is_widget(spec):
-                    value = values[position] if position < len(values) else options.get("default")
-                    position += 1 + _extra_slots(options)
-                    if value is not None:
-                        inputs[name] = value
-                if name in linked:  # a widget turned into a socket keeps its slot; the link wins
-                    _, source, slot, *_ = linked[name]
-                    inputs[name] = [str(source), slot]
-        if position < len(values):
+        widgets, inputs = _Widgets(values), {}
+        _read(object_info[kind]["input"], widgets, "", inputs)
+        if widgets.position < len(values):
             raise ConversionError(
-                f"node {node['id']} ({kind}): {len(values)} widget values for {position} widget slots"
+                f"node {node['id']} ({kind}): {len(values)} widget values for {widgets.position} widget slots"
             )
+        for socket in node.get("inputs", []):  # a widget turned into a socket keeps its slot; the link wins
+            if socket.get("link") is not None:
+                _, source, slot, *_ = links[socket["link"]]
+                inputs[socket["name"]] = [str(source), slot]
         prompt[str(node["id"])] = {
             "class_type": kind,
             "inputs": inputs,

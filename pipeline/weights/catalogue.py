@@ -102,9 +102,12 @@ WORKFLOW_FILES: dict[str, tuple[str, ...]] = {
 def missing_file_message(name: str, looked_in: list[str]) -> str:
     """A "not found" error for one catalogue entry: what is missing, where we looked, how to get it."""
     entry = MODEL_FILES[name]
-    gated = " (gated: accept its terms on the website and pass --token)" if entry.gated else ""
+    gated = " (gated: accept its terms on the website and give your token)" if entry.gated else ""
+    workflow = next(w for w, names in WORKFLOW_FILES.items() if name in names)
     return (
         f"{entry.description} not found: expected '{entry.path}' in the ComfyUI '{entry.folder}' folder "
         f"(looked in: {', '.join(looked_in) or 'no such folder configured'}). Download it (about "
-        f"{entry.size_gb:g} GB) from {entry.source}{gated}, or run: python cli.py download --files {name}"
+        f"{entry.size_gb:g} GB){gated}: in ComfyUI, add the 'MagiHuman Download Models' node, choose the "
+        f"workflow (e.g. {workflow}) and run it; or run: python cli.py download --files {name}; or get it "
+        f"from {entry.source}"
     )

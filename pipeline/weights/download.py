@@ -1,8 +1,10 @@
 """Fetching model files from Hugging Face into a ComfyUI models folder: a plan (pure, testable offline) and
-its execution with ``huggingface_hub`` (resumable, with progress bars, a token for gated repositories)."""
+its execution with ``huggingface_hub`` (resumable across runs, with progress, a token for gated repos)."""
 
 import fnmatch
 import json
+import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ class DownloadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Download:
-    """One ``snapshot_download`` call: which repository, which files, into which folder."""
+    """One catalogue entry to fetch: which repository, which files, into which folder."""
 
     file: ModelFile
     target: Path  # local_dir handed to huggingface_hub
@@ -31,15 +33,17 @@ class Download:
         return self.file.patterns
 
 
-def plan(names: list[str], models_dir: Path) -> list[Download]:
-    """The downloads for catalogue entries ``names`` into ``models_dir`` (ComfyUI's ``models`` folder)."""
+def plan(names: list[str], models_dir: Path, folders: dict[str, Path] | None = None) -> list[Download]:
+    """The downloads for catalogue entries ``names`` into ``models_dir`` (ComfyUI's ``models`` folder), or
+    into ``folders`` ({ComfyUI folder name: path}, what ComfyUI itself has configured) where given."""
     unknown = [n for n in names if n not in MODEL_FILES]
     if unknown:
         raise DownloadError(f"unknown model file(s) {unknown}; known: {', '.join(MODEL_FILES)}")
     plans = []
     for name in dict.fromkeys(names):  # keep order, drop repeats
         entry = MODEL_FILES[name]
-        plans.append(Download(entry, models_dir / entry.folder / entry.subdir))
+        folder = (folders or {}).get(entry.folder, models_dir / entry.folder)
+        plans.append(Download(entry, folder / entry.subdir))
     return plans
 
 
@@ -88,7 +92,8 @@ def _hub_errors(repo: str):
     except errors.GatedRepoError as e:
         raise DownloadError(
             f"{repo} is gated: accept its terms at https://huggingface.co/{repo} with your account, then "
-            "pass --token <your token> (or set HF_TOKEN)."
+            "give your token (--token, the download node's token input, or HF_TOKEN). If you did, access "
+            "has not been granted yet or the token is wrong."
         ) from e
     except errors.RepositoryNotFoundError as e:
         raise DownloadError(f"{repo} was not found (or is private and needs --token).") from e
@@ -105,29 +110,81 @@ def _hub_errors(repo: str):
         ) from e
 
 
-def resolve(download: Download, token: str | None) -> tuple[list[str], int]:
-    """The exact files and total bytes one download fetches (asks the hub; only the T5-Gemma index, a few
+def _endpoint() -> dict:
+    """HF_ENDPOINT read at call time (huggingface_hub reads it once, at import): a mirror, or a test's."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    return {"endpoint": endpoint} if endpoint else {}
+
+
+def remote_files(download: Download, token: str | None) -> dict[str, int]:
+    """{file: bytes} of exactly what one download fetches (asks the hub; only the T5-Gemma index, a few
     kB, is downloaded to learn which shards hold the encoder)."""
     hub = _hub()
     with _hub_errors(download.file.repo):
-        info = hub.HfApi().model_info(download.file.repo, files_metadata=True, token=token)
+        api = hub.HfApi(**_endpoint())
+        info = api.model_info(download.file.repo, files_metadata=True, token=token)
         files = {s.rfilename: s.size or 0 for s in info.siblings}
         patterns = list(download.patterns)
         if download.file.name == "text_encoder":
             index_name = next(n for n in files if fnmatch.fnmatch(n, "*.safetensors.index.json"))
             index_path = hub.hf_hub_download(
-                download.file.repo, index_name, local_dir=download.target, token=token
+                download.file.repo, index_name, local_dir=download.target, token=token, **_endpoint()
             )
             patterns += encoder_shards(json.loads(Path(index_path).read_text()))
-    chosen = [n for n in files if any(fnmatch.fnmatch(n, p) for p in patterns)]
-    return chosen, sum(files[n] for n in chosen)
+    return {n: size for n, size in files.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
 
 
-def fetch(download: Download, files: list[str], token: str | None) -> Path:
-    """Download exactly ``files`` into the download's folder; partial files from an earlier run resume."""
-    download.target.mkdir(parents=True, exist_ok=True)
-    with _hub_errors(download.file.repo):
-        _hub().snapshot_download(
-            download.file.repo, allow_patterns=files, local_dir=download.target, token=token
-        )
+def resolve(download: Download, token: str | None) -> tuple[dict[str, int], int]:
+    """The exact files ({name: bytes}) and total bytes one download fetches."""
+    files = remote_files(download, token)
+    return files, sum(files.values())
+
+
+def fetch(download: Download, files: dict[str, int], token: str | None) -> Path:
+    """Download exactly ``files`` (from ``resolve``) into the download's folder, with huggingface_hub's
+    terminal progress bars; partial files from an earlier run resume."""
+    return fetch_each(download, files, token, lambda n: None)
+
+
+class _CountingFile:
+    """A file that reports every write's size: how a progress bar outside the terminal follows
+    huggingface_hub's ``http_get`` (which writes each chunk as it arrives)."""
+
+    def __init__(self, file, on_bytes: Callable[[int], None]):
+        self.file, self.on_bytes = file, on_bytes
+
+    def write(self, data: bytes) -> int:
+        written = self.file.write(data)
+        self.on_bytes(len(data))
+        return written
+
+    def __getattr__(self, name):  # seek, tell, truncate, flush, name: the real file's
+        return getattr(self.file, name)
+
+
+def fetch_each(
+    download: Download, files: dict[str, int], token: str | None, on_bytes: Callable[[int], None]
+) -> Path:
+    """Download ``files`` ({name: bytes}, from ``remote_files``) one by one, reporting bytes to ``on_bytes``
+    (it may raise to cancel). A file already there at its full size is skipped. Each file is written to
+    ``<name>.part`` first and renamed when complete, so a download broken off (cancelled, offline, crashed)
+    resumes from the bytes on disk at the next run (huggingface_hub itself keeps no partial files)."""
+    hub = _hub()
+    from huggingface_hub.file_download import http_get
+
+    headers = hub.utils.build_hf_headers(token=token)
+    for name, size in files.items():
+        local = download.target / name
+        if local.is_file() and local.stat().st_size == size:
+            on_bytes(size)
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        part = local.with_name(local.name + ".part")
+        with _hub_errors(download.file.repo), part.open("ab") as file:
+            resume = file.tell()
+            on_bytes(resume)
+            url = hub.hf_hub_url(download.file.repo, name, **_endpoint())
+            counted = _CountingFile(file, on_bytes)
+            http_get(url, counted, resume_size=resume, headers=headers, expected_size=size)
+        part.replace(local)
     return download.target

@@ -4,6 +4,7 @@ import os
 
 supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 models_dir = ""
+input_directory = ""
 folder_names_and_paths: dict[str, tuple[list[str], set[str]]] = {}
 
 
@@ -47,3 +48,7 @@ def get_full_path_or_raise(folder_name: str, filename: str) -> str:
 def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: bool = False) -> None:
     paths = folder_names_and_paths.setdefault(folder_name, ([], set()))[0]
     paths.insert(0, full_folder_path) if is_default else paths.append(full_folder_path)
+
+
+def get_input_directory() -> str:
+    return input_directory

@@ -123,3 +123,20 @@ class ComfyNode:
     @classmethod
     def execute(cls, **kwargs) -> NodeOutput:
         raise NotImplementedError
+
+
+class DynamicCombo:
+    """A combo whose chosen option brings its own inputs (ComfyUI 0.33); execute gets one dict."""
+
+    io_type = "COMFY_DYNAMICCOMBO_V3"
+
+    class Option:
+        def __init__(self, key: str, inputs: list):
+            self.key, self.inputs = key, inputs
+
+    class Input(Input):
+        io_type = "COMFY_DYNAMICCOMBO_V3"
+
+        def __init__(self, id: str, options: list, **kwargs):
+            super().__init__(id, **kwargs)
+            self.options = options
