@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capability import FP8_MATMUL, MODES, choose_path, dequantize_compute_dtype
+from .capability import (
+    FP8_MATMUL,
+    MODES,
+    choose_path,
+    dequantize_compute_dtype,
+    supports_rowwise_scaled_mm,
+)
 from .quantize import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Weight, Granularity
 
 # _scaled_mm needs K and N to be multiples of 16 (M is free). MagiHuman has N = 7208 and 27304, K = 13652.
@@ -76,6 +82,9 @@ class Fp8Linear(nn.Module):
             self.register_parameter("bias", None)
         self.path: str | None = None
         self.compute_dtype = torch.bfloat16  # of the dequantize path; set with the path
+        # Per-row scales on the fp8-matmul path: row-wise _scaled_mm where the device has it, else a
+        # per-tensor GEMM whose output columns are scaled afterwards (same maths). Set with the path.
+        self.rowwise = False
         self._resolve_path()
 
     @classmethod
@@ -117,14 +126,18 @@ class Fp8Linear(nn.Module):
     def _resolve_path(self) -> None:
         device = self.weight_padded.device
         if device.type != "meta":
-            self.path = choose_path(self.mode, device)
-            self.compute_dtype = dequantize_compute_dtype(device)
+            self.compute_on(device)
 
     def compute_on(self, device: torch.device | str) -> None:
         """Run on ``device`` while the weights are stored elsewhere (block swap keeps them in CPU memory and
         brings them in per call): resolve the matmul path for the compute device."""
         self.path = choose_path(self.mode, device)
         self.compute_dtype = dequantize_compute_dtype(device)
+        self.rowwise = (
+            self.path == FP8_MATMUL
+            and self.row_scale_padded is not None
+            and supports_rowwise_scaled_mm(device, self.fast_accum)
+        )
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         tensors = {"weight": self.weight, "weight_scale": self.weight_scale, "bias": self.bias}
@@ -231,7 +244,6 @@ class Fp8Linear(nn.Module):
 
     def _fp8_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         tokens, n, k = x.shape[0], self.out_features, self.in_features
-        weight = self.weight_padded[expert * n : expert * n + self.padded_out]  # [N_padded, K_padded]
         # Dynamic per-tensor activation scale, kept on the device (no host sync). amax/448 is rounded in the
         # input dtype before going to float32, exactly as the published FP8 runtime does, so outputs match it.
         amax = torch.linalg.vector_norm(x, ord=math.inf).clamp(min=MIN_AMAX)
@@ -242,9 +254,20 @@ class Fp8Linear(nn.Module):
         else:
             x8 = _fp8_zeros(tokens, self.padded_in, x.device)
             x8[:, :k] = scaled  # [tokens, K_padded]
-        if self.row_scale_padded is not None:
+        y = self._gemm(x8, x_scale, expert)[:, :n]  # [tokens, N]
+        bias = self._bias(expert)
+        return y if bias is None else y + bias.to(torch.bfloat16)
+
+    def _gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, expert: int) -> torch.Tensor:
+        """x8 [tokens, K_padded] FP8 with its 0-dim scale -> [tokens, N_padded] bf16 for one expert."""
+        n = self.out_features
+        weight = self.weight_padded[expert * n : expert * n + self.padded_out]  # [N_padded, K_padded]
+        row_scale = None if self.row_scale_padded is None else self.row_scale_padded[expert]  # [1, N_pad]
+        if row_scale is not None and self.rowwise:
             # Row-wise _scaled_mm wants [M, 1] x [1, N] scales; the activation scale is still one per call.
-            scale_a, scale_b = x_scale.expand(tokens, 1).contiguous(), self.row_scale_padded[expert]
+            scale_a, scale_b = x_scale.expand(x8.shape[0], 1).contiguous(), row_scale
+        elif row_scale is not None:
+            scale_a, scale_b = x_scale, x_scale.new_ones(())  # scaled per output column below
         else:
             scale_a = x_scale
             scale_b = self.weight_scale if self.weight_scale.ndim == 0 else self.weight_scale[expert]
@@ -256,9 +279,12 @@ class Fp8Linear(nn.Module):
             out_dtype=torch.bfloat16,
             use_fast_accum=self.fast_accum,
         )
-        y = (y[0] if isinstance(y, tuple) else y)[:, :n]  # [tokens, N]; torch 2.4 returned (out, amax)
-        bias = self._bias(expert)
-        return y if bias is None else y + bias.to(torch.bfloat16)
+        y = y[0] if isinstance(y, tuple) else y  # torch 2.4 returned (out, amax)
+        if row_scale is not None and not self.rowwise:
+            # The activation scale is per tensor, so scaling output column j by s_j is the row-wise product;
+            # fp32 multiply, one more bf16 rounding, in place on the GEMM's own output.
+            y.mul_(row_scale)
+        return y
 
     def _dequantized_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         n, dtype = self.out_features, self.compute_dtype
