@@ -146,9 +146,8 @@ def _dit_case(scale: Scale, device: torch.device, report: Report, linear: str, c
     sample = sample_inputs(shape, config, device)
     with torch.inference_mode():
         _, peak = transient_bytes(lambda: model(*sample), device)
-        ms = median_ms(
-            lambda: model(*sample), device, scale.repeats if (clip, linear) == ("256p", "fp8") else 1
-        )
+        repeats = scale.repeats if (clip, linear) == ("256p", "fp8") else 1
+        ms = median_ms(lambda: model(*sample), device, repeats, warm_up=False)  # warmed by the peak run
     plans = ",".join(
         sorted({f"{p.backend}{'+expand' if p.expand_kv else ''}" for p in model.attention.plans.values()})
     )
@@ -254,8 +253,8 @@ def capped_child(job: dict) -> dict:
                 result["pinned_bytes"] = _pinned_bytes() - pinned
         stage = "forward"
         with torch.inference_mode():
-            ms = median_ms(lambda: model(*sample), device, 1)
             video, _ = model(*sample)
+            ms = median_ms(lambda: model(*sample), device, 1, warm_up=False)
         result.update(oom=False, forward_ms=ms, resident=_resident(model, device))
         if device.type == "cuda":
             result["peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
