@@ -30,6 +30,23 @@ def _fp8_zeros(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(rows, cols, dtype=torch.uint8, device=device).view(FP8_DTYPE)
 
 
+def scale_to_fp8(x: torch.Tensor, x_scale: torch.Tensor, padded_in: int) -> torch.Tensor:
+    """x [tokens, K] / scale, clamped to ±448, cast to FP8 and zero-padded to [tokens, padded_in]."""
+    scaled = (x.to(torch.float32) / x_scale).clamp_(-FP8_MAX, FP8_MAX)  # [tokens, K]
+    if padded_in == x.shape[1]:
+        return scaled.to(FP8_DTYPE)
+    x8 = _fp8_zeros(x.shape[0], padded_in, x.device)
+    x8[:, : x.shape[1]] = scaled
+    return x8  # [tokens, K_padded]
+
+
+def scale_to_fp8_fusible(x: torch.Tensor, x_scale: torch.Tensor, padded_in: int) -> torch.Tensor:
+    """:func:`scale_to_fp8` written for ``torch.compile``, which turns it into one kernel (read bf16, write
+    FP8, no float32 temporary); the same bytes. Eager it would hold a padded float32 copy: never run it so."""
+    scaled = (x.to(torch.float32) / x_scale).clamp(-FP8_MAX, FP8_MAX)
+    return F.pad(scaled, (0, padded_in - x.shape[1])).to(FP8_DTYPE)
+
+
 class Fp8Linear(nn.Module):
     """``y = x @ Wᵀ (+ bias)`` with W stored in FP8, for ``num_experts`` weights stacked as [E·N, K].
 
@@ -85,6 +102,7 @@ class Fp8Linear(nn.Module):
         # Per-row scales on the fp8-matmul path: row-wise _scaled_mm where the device has it, else a
         # per-tensor GEMM whose output columns are scaled afterwards (same maths). Set with the path.
         self.rowwise = False
+        self.scale_input = scale_to_fp8  # or a compiled scale_to_fp8_fusible (pipeline/dit/fusion.py)
         self._resolve_path()
 
     @classmethod
@@ -243,17 +261,12 @@ class Fp8Linear(nn.Module):
         return self.bias[expert * self.out_features : (expert + 1) * self.out_features]
 
     def _fp8_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        tokens, n, k = x.shape[0], self.out_features, self.in_features
+        n = self.out_features
         # Dynamic per-tensor activation scale, kept on the device (no host sync). amax/448 is rounded in the
         # input dtype before going to float32, exactly as the published FP8 runtime does, so outputs match it.
         amax = torch.linalg.vector_norm(x, ord=math.inf).clamp(min=MIN_AMAX)
         x_scale = (amax / FP8_MAX).to(torch.float32)
-        scaled = (x.to(torch.float32) / x_scale).clamp_(-FP8_MAX, FP8_MAX)  # [tokens, K]
-        if self.padded_in == k:
-            x8 = scaled.to(FP8_DTYPE)
-        else:
-            x8 = _fp8_zeros(tokens, self.padded_in, x.device)
-            x8[:, :k] = scaled  # [tokens, K_padded]
+        x8 = self.scale_input(x, x_scale, self.padded_in)  # [tokens, K_padded] FP8
         y = self._gemm(x8, x_scale, expert)[:, :n]  # [tokens, N]
         bias = self._bias(expert)
         return y if bias is None else y + bias.to(torch.bfloat16)
