@@ -18,9 +18,10 @@ from ..fp8.capability import (
     supports_fp8_matmul,
     supports_rowwise_scaled_mm,
 )
-from ..fp8.linear import Fp8Linear
-from ..fp8.quantize import FP8_DTYPE, FP8_MAX, MIN_AMAX, Granularity, quantize, sqnr_db
+from ..fp8.linear import Fp8Linear, scale_to_fp8
+from ..fp8.quantize import FP8_MAX, MIN_AMAX, Granularity, quantize, sqnr_db
 from ..pipeline.dit.attention import StreamAttention
+from ..pipeline.dit.fusion import compile_available, fp8_casts_compile, should_fuse
 from ..pipeline.dit.sdpa import SdpaAttention, sdpa_usable
 from ..pipeline.dit.tokens import TokenStream
 from .check_report import INFO, SKIP, Report, Scale, free, gib, median_ms, no_host_sync, transient_bytes
@@ -32,12 +33,10 @@ def _randn(shape, generator, device, std=1.0) -> torch.Tensor:
 
 
 def quantize_activation(x: torch.Tensor, padded_in: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The FP8 runtime's dynamic per-tensor activation quantization (fp8/linear.py), for GEMM-only timing:
-    x [M, K] bf16 -> (x8 [M, K_padded] FP8, 0-dim float32 scale)."""
+    """The FP8 linear's dynamic per-tensor activation quantization, for GEMM-only timing: x [M, K] bf16 ->
+    (x8 [M, K_padded] FP8, 0-dim float32 scale)."""
     scale = (torch.linalg.vector_norm(x, ord=math.inf).clamp(min=MIN_AMAX) / FP8_MAX).to(torch.float32)
-    x8 = torch.zeros(x.shape[0], padded_in, dtype=torch.uint8, device=x.device).view(FP8_DTYPE)
-    x8[:, : x.shape[1]] = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX)
-    return x8, scale
+    return scale_to_fp8(x, scale, padded_in), scale
 
 
 def _raises(fn) -> str:
@@ -63,6 +62,9 @@ def environment(scale: Scale, device: torch.device, report: Report) -> None:
         "fp8 path (auto)": choose_path("auto", device),
         "row-wise _scaled_mm": supports_rowwise_scaled_mm(device),
         "row-wise _scaled_mm, fast accum": supports_rowwise_scaled_mm(device, True),
+        "torch.compile available": compile_available(device),
+        "elementwise compiled (auto)": should_fuse("auto", device),
+        "fp8 casts compiled": fp8_casts_compile(device),
     }
     try:
         import triton

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..pipeline.codecs.turbo_vae import TurboVAEDecoder
 from ..pipeline.dit.attention import StreamAttention
 from ..pipeline.dit.block_swap import BlockSwap
 from ..pipeline.dit.config import DiTConfig
+from ..pipeline.dit.fusion import AUTO, fuse
 from ..pipeline.dit.model import TransformerLayer
 from ..pipeline.dit.rope import default_bands, fourier_embed
 from ..pipeline.dit.sdpa import SdpaAttention
@@ -105,8 +107,8 @@ def _layer_case(
     total = sum(totals.values()) or 1.0
     share = (totals["elementwise"] + totals["copy"]) / total
     kind = "mm" if config.num_experts(index) == 3 else "shared"
-    where = f"layer.{clip}_{kind}{index}"
-    if clip == "256p":
+    where = f"layer.{clip.replace('+', '_')}_{kind}{index}"
+    if clip.startswith("256p"):
         report.measure(f"{where}.elementwise_share", share < 0.35, share, "< 0.35", "elementwise + copies")
     elif peak is not None:
         report.measure(f"{where}.peak_gib", gib(peak) <= 8.0, gib(peak), "<= 8")
@@ -115,7 +117,8 @@ def _layer_case(
 
 
 def layer_profile(scale: Scale, device: torch.device, report: Report) -> None:
-    cases = [("256p", scale.base, scale.clip_256p), ("1080p", scale.sr, scale.clip_1080p)]
+    cases = [("256p", scale.base, scale.clip_256p), ("256p+compile", scale.base, scale.clip_256p),
+             ("1080p", scale.sr, scale.clip_1080p)]  # fmt: skip
     rows = []
     for clip, config, shape in cases:
         for index in (scale.shared_layer, scale.mm_layer):
@@ -138,21 +141,27 @@ def layer_profile(scale: Scale, device: torch.device, report: Report) -> None:
 
 # ---- 5 -----------------------------------------------------------------------------------------------------
 def _dit_case(scale: Scale, device: torch.device, report: Report, linear: str, clip: str) -> list:
+    """One model build and forward; ``linear`` "fp8", "bf16" or "fp8+compile" (fused where Triton works)."""
     config, shape = (scale.base, scale.clip_256p) if clip == "256p" else (scale.sr, scale.clip_1080p)
     free(device)
-    model, build_peak = transient_bytes(lambda: random_dit(config, linear, device), device)
+    model, build_peak = transient_bytes(lambda: random_dit(config, linear.split("+")[0], device), device)
     model.attention = SdpaAttention()  # its own plans, to report what this model ran
+    fused = fuse(model, AUTO, device) if linear.endswith("+compile") else []
     resident = _resident(model, device)
     sample = sample_inputs(shape, config, device)
     with torch.inference_mode():
+        start = time.perf_counter()
         _, peak = transient_bytes(lambda: model(*sample), device)
-        repeats = scale.repeats if (clip, linear) == ("256p", "fp8") else 1
+        first = time.perf_counter() - start  # includes compiling, for the fused model
+        repeats = scale.repeats if clip == "256p" and linear != "bf16" else 1
         ms = median_ms(lambda: model(*sample), device, repeats, warm_up=False)  # warmed by the peak run
     plans = ",".join(
         sorted({f"{p.backend}{'+expand' if p.expand_kv else ''}" for p in model.attention.plans.values()})
     )
-    where = f"dit.{clip}_{linear}"
-    report.check(f"{where}.seconds_per_forward", INFO, ms / 1e3, note=f"attention {plans}")
+    where = f"dit.{clip}_{linear.replace('+', '_')}"
+    compiled = f"; compiled: {', '.join(fused) or 'none (eager here)'}" if linear.endswith("+compile") else ""
+    report.check(f"{where}.seconds_per_forward", INFO, ms / 1e3, note=f"attention {plans}{compiled}")
+    report.check(f"{where}.first_call_seconds", INFO, first)
     if build_peak is not None:
         note = "random weights, one layer at a time (the loader's own peak is section 6a)"
         report.measure(
@@ -178,10 +187,14 @@ def _dit_case(scale: Scale, device: torch.device, report: Report, linear: str, c
 
 
 def full_dit(scale: Scale, device: torch.device, report: Report) -> None:
-    rows = [
-        _dit_case(scale, device, report, linear, clip)
-        for linear, clip in (("fp8", "256p"), ("bf16", "256p"), ("fp8", "1080p"))
-    ]
+    cases = (
+        ("fp8", "256p"),
+        ("bf16", "256p"),
+        ("fp8+compile", "256p"),
+        ("fp8", "1080p"),
+        ("fp8+compile", "1080p"),
+    )
+    rows = [_dit_case(scale, device, report, linear, clip) for linear, clip in cases]
     header = [
         "clip",
         "linear",
@@ -193,8 +206,9 @@ def full_dit(scale: Scale, device: torch.device, report: Report) -> None:
         "attention",
     ]
     report.table("full DiT forward, random weights", header, rows)
-    speedup = rows[1][3] / rows[0][3]
-    report.measure("dit.256p_fp8_speedup", speedup >= 1.5, speedup, ">= 1.5")
+    for row, name in ((rows[0], "fp8"), (rows[2], "fp8_compile")):
+        speedup = rows[1][3] / row[3]
+        report.measure(f"dit.256p_{name}_speedup", speedup >= 1.5, speedup, ">= 1.5")
 
 
 # ---- 6 -----------------------------------------------------------------------------------------------------
