@@ -124,18 +124,7 @@ def layer_profile(scale: Scale, device: torch.device, report: Report) -> None:
         for index in (scale.shared_layer, scale.mm_layer):
             rows.append(_layer_case(device, report, clip, config, shape, index))
             free(device)
-    header = [
-        "clip",
-        "layer",
-        "kind",
-        "S",
-        "ms",
-        "GEMM %",
-        "attention %",
-        "copy %",
-        "elementwise %",
-        "peak GiB",
-    ]
+    header = "clip layer kind S ms GEMM% attention% copy% elementwise% peak_GiB".split()
     report.table("one FP8 layer's time by kernel kind (profiler self time)", header, rows)
 
 
@@ -195,16 +184,7 @@ def full_dit(scale: Scale, device: torch.device, report: Report) -> None:
         ("fp8+compile", "1080p"),
     )
     rows = [_dit_case(scale, device, report, linear, clip) for linear, clip in cases]
-    header = [
-        "clip",
-        "linear",
-        "tokens",
-        "s/forward",
-        "resident GiB",
-        "build peak GiB",
-        "forward peak GiB",
-        "attention",
-    ]
+    header = "clip linear tokens s/forward resident_GiB build_peak_GiB forward_peak_GiB attention".split()
     report.table("full DiT forward, random weights", header, rows)
     for row, name in ((rows[0], "fp8"), (rows[2], "fp8_compile")):
         speedup = rows[1][3] / row[3]
