@@ -48,7 +48,11 @@ def sdpa_usable(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return bool(check(torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, gqa), False))
     if backend != FLASH:
         return False
-    return torch._fused_sdp_choice(q, k, v, enable_gqa=gqa) == SDPBackend.FLASH_ATTENTION.value
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, enable_gqa=gqa)
+    except (TypeError, RuntimeError):  # a build whose private chooser lacks enable_gqa: trust the flag
+        return torch.backends.cuda.flash_sdp_enabled()
+    return choice == SDPBackend.FLASH_ATTENTION.value
 
 
 @dataclass(frozen=True)
