@@ -65,6 +65,10 @@ def test_a_failing_compile_falls_back_to_eager_once(monkeypatch, caplog):
 
 @pytest.mark.skipif(not fusion.compile_available("cpu"), reason="torch.compile needs a C++ compiler on CPU")
 def test_compiled_elementwise_chains_match_eager_within_bf16_noise():
+    probe = fusion.Fused(torch.sigmoid)
+    probe(torch.ones(3))
+    if probe.failed:  # a compiler but no working toolchain (e.g. missing Python headers)
+        pytest.skip("torch.compile does not work on this machine")
     model = load_dit(FP8, "base", compute="fp8-matmul")[0]
     inputs = sample()
     with torch.inference_mode():
