@@ -84,3 +84,22 @@ def test_compiled_elementwise_chains_match_eager_within_bf16_noise():
         assert torch.equal(c, a)
         # Inductor keeps some bf16 intermediates in fp32 (no extra rounding): outputs differ by bf16 noise.
         assert (c - e).norm() / e.norm() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_model_matches_eager_and_compiles_fp8_casts_from_sm_89():
+    if not fusion.compile_available("cuda"):
+        pytest.skip("no Triton on this GPU")
+    model = load_dit(FP8, "base", device="cuda")[0]
+    inputs = [t.cuda() for t in sample()]
+    with torch.inference_mode():
+        eager = model(*inputs)
+        names = fusion.fuse(model, "auto", "cuda")
+        compiled = model(*inputs)
+    assert ("scale_to_fp8_fusible" in names) == (
+        fusion.fp8_casts_compile("cuda") and model.block.layers[0].attention.linear_qkv.path == "fp8-matmul"
+    )
+    fused = [f for m in model.modules() for f in vars(m).values() if isinstance(f, fusion.Fused)]
+    assert fused and not any(f.failed for f in fused)
+    for e, c in zip(eager, compiled, strict=True):
+        assert (c - e).norm() / e.norm() < 2e-2
