@@ -151,6 +151,11 @@ def _dit_case(scale: Scale, device: torch.device, report: Report, linear: str, c
     compiled = f"; compiled: {', '.join(fused) or 'none (eager here)'}" if linear.endswith("+compile") else ""
     report.check(f"{where}.seconds_per_forward", INFO, ms / 1e3, note=f"attention {plans}{compiled}")
     report.check(f"{where}.first_call_seconds", INFO, first)
+    if fused:  # a compiler failure falls back to eager silently but for one warning: surface it here
+        failed = sorted(
+            {f.__name__ for m in model.modules() for f in vars(m).values() if getattr(f, "failed", False)}
+        )
+        report.verify(f"{where}.compiled_without_fallback", not failed, failed or None)
     if build_peak is not None:
         note = "random weights, one layer at a time (the loader's own peak is section 6a)"
         report.measure(
