@@ -156,7 +156,9 @@ def _add_bench(subparsers) -> None:
         "reduced-width stand-in on CPU. vae: Turbo VAE and Wan2.2 VAE decode time and peak memory (real "
         "architectures, random weights) at those sizes. load: DiT load time against a raw read of the same "
         "bytes, and the loader's peak host memory, on a synthetic FP8 checkpoint in the published layout "
-        "(real layer widths; all 40 layers on a GPU, 4 on CPU).",
+        "(real layer widths; all 40 layers on a GPU, 4 on CPU). gpu-check: the one GPU verification of "
+        "GPU_REVIEW.md §4 (about 6 minutes on an H100/H200, random weights at real shapes): PASS/FAIL lines "
+        "and gpu_check.json in --out; --dry-run runs every section at tiny shapes on the CPU.",
     )
     parser.add_argument("target", choices=sorted(BENCH_TARGETS), help="what to measure")
     parser.add_argument(
@@ -208,6 +210,23 @@ def _add_bench(subparsers) -> None:
         choices=("fp32", "bf16"),
         default="fp32",
         help="fp8: synthetic checkpoint dtype (default fp32)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("output/gpu-check"),
+        help="gpu-check: folder for gpu_check.json (default output/gpu-check)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="gpu-check: every section at tiny shapes (on the CPU unless --device says otherwise)",
+    )
+    parser.add_argument(
+        "--sections",
+        default=None,
+        metavar="N,N,...",
+        help="gpu-check: only these sections (0-8). Default: all",
     )
     parser.set_defaults(run=_run_bench)
 
@@ -263,7 +282,25 @@ def _bench_load(args, device) -> int:
     return 0
 
 
-BENCH_TARGETS = {"fp8": _bench_fp8, "dit": _bench_dit, "vae": _bench_vae, "load": _bench_load}
+def _bench_gpu_check(args, device) -> int:
+    import torch
+    from magihuman.benchmarks.check_report import ERROR
+    from magihuman.benchmarks.gpu_check import run_gpu_check
+
+    if args.dry_run and args.device == "auto":
+        device = torch.device("cpu")
+    sections = [int(n) for n in args.sections.split(",")] if args.sections else None
+    report = run_gpu_check(device, args.out, args.dry_run, sections)
+    return 1 if any(c.status == ERROR for c in report.checks()) else 0
+
+
+BENCH_TARGETS = {
+    "fp8": _bench_fp8,
+    "dit": _bench_dit,
+    "vae": _bench_vae,
+    "load": _bench_load,
+    "gpu-check": _bench_gpu_check,
+}
 
 
 def _default_models_dir() -> Path | None:

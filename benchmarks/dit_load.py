@@ -71,9 +71,10 @@ def _random_fp8(shape: tuple[int, ...], generator: torch.Generator) -> torch.Ten
     return torch.randint(0, 0x7F, shape, generator=generator, dtype=torch.uint8).view(torch.float8_e4m3fn)
 
 
-def write_fp8_checkpoint(folder: Path, config: DiTConfig) -> int:
+def write_fp8_checkpoint(folder: Path, config: DiTConfig, random_values: bool = True) -> int:
     """Write the published FP8 layout (block linears float8_e4m3fn with a scalar ``__fp8_scale``, everything
-    else bf16); returns the largest shard's size in bytes."""
+    else bf16); returns the largest shard's size in bytes. ``random_values=False`` writes constants instead
+    (15 GB in seconds, for memory checks that do not look at the values)."""
     layout = {}
     for key, shape in config.expected_shapes().items():
         if BLOCK_LINEAR.fullmatch(key):
@@ -99,7 +100,9 @@ def write_fp8_checkpoint(folder: Path, config: DiTConfig) -> int:
         with SafetensorsWriter(folder / name, shard, {"format": "pt"}) as writer:
             for key in writer.order:
                 dtype, shape = shard[key]
-                if dtype == torch.float8_e4m3fn:
+                if dtype == torch.float8_e4m3fn and not random_values:
+                    writer.write(key, torch.full(shape, 0x30, dtype=torch.uint8).view(dtype))  # 0.5
+                elif dtype == torch.float8_e4m3fn:
                     writer.write(key, _random_fp8(shape, generator))
                 elif key.endswith("__fp8_scale"):
                     writer.write(key, torch.tensor(0.002))

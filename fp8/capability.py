@@ -40,6 +40,32 @@ def supports_fp8_matmul(device: torch.device | str) -> bool:
     return False
 
 
+@functools.cache
+def _rowwise_probe(device: torch.device, fast_accum: bool) -> bool:
+    one_a = torch.ones(16, 1, dtype=torch.float32, device=device)
+    one_b = torch.ones(1, 16, dtype=torch.float32, device=device)
+    x = torch.zeros(16, 16, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(
+            x, x.t(), scale_a=one_a, scale_b=one_b, out_dtype=torch.bfloat16, use_fast_accum=fast_accum
+        )
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def supports_rowwise_scaled_mm(device: torch.device | str, fast_accum: bool = False) -> bool:
+    """Whether ``torch._scaled_mm`` takes row-wise scales ([M,1] x [1,N]) on this device, probed once per
+    device with a 16x16 call. Many builds lack the kernel although per-tensor scaling works: every Windows
+    wheel, sm_89 before about torch 2.7, several sm_100/sm_120 builds (GPU_REVIEW.md C1)."""
+    device = torch.device(device)
+    if not supports_fp8_matmul(device):
+        return False
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _rowwise_probe(device, fast_accum)
+
+
 def choose_path(mode: str, device: torch.device | str) -> str:
     """Resolve a mode into a path for one device, once (at build, load or device move), never per call.
 

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capability import FP8_MATMUL, MODES, choose_path, dequantize_compute_dtype
+from .capability import (
+    FP8_MATMUL,
+    MODES,
+    choose_path,
+    dequantize_compute_dtype,
+    supports_rowwise_scaled_mm,
+)
 from .quantize import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Weight, Granularity
 
 # _scaled_mm needs K and N to be multiples of 16 (M is free). MagiHuman has N = 7208 and 27304, K = 13652.
@@ -22,6 +28,23 @@ def _round_up(n: int) -> int:
 def _fp8_zeros(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     # Allocated as bytes: fill kernels for float8 are missing on some torch/device pairs; byte 0 is +0.0.
     return torch.zeros(rows, cols, dtype=torch.uint8, device=device).view(FP8_DTYPE)
+
+
+def scale_to_fp8(x: torch.Tensor, x_scale: torch.Tensor, padded_in: int) -> torch.Tensor:
+    """x [tokens, K] / scale, clamped to ±448, cast to FP8 and zero-padded to [tokens, padded_in]."""
+    scaled = (x.to(torch.float32) / x_scale).clamp_(-FP8_MAX, FP8_MAX)  # [tokens, K]
+    if padded_in == x.shape[1]:
+        return scaled.to(FP8_DTYPE)
+    x8 = _fp8_zeros(x.shape[0], padded_in, x.device)
+    x8[:, : x.shape[1]] = scaled
+    return x8  # [tokens, K_padded]
+
+
+def scale_to_fp8_fusible(x: torch.Tensor, x_scale: torch.Tensor, padded_in: int) -> torch.Tensor:
+    """:func:`scale_to_fp8` written for ``torch.compile``, which turns it into one kernel (read bf16, write
+    FP8, no float32 temporary); the same bytes. Eager it would hold a padded float32 copy: never run it so."""
+    scaled = (x.to(torch.float32) / x_scale).clamp(-FP8_MAX, FP8_MAX)
+    return F.pad(scaled, (0, padded_in - x.shape[1])).to(FP8_DTYPE)
 
 
 class Fp8Linear(nn.Module):
@@ -76,6 +99,10 @@ class Fp8Linear(nn.Module):
             self.register_parameter("bias", None)
         self.path: str | None = None
         self.compute_dtype = torch.bfloat16  # of the dequantize path; set with the path
+        # Per-row scales on the fp8-matmul path: row-wise _scaled_mm where the device has it, else a
+        # per-tensor GEMM whose output columns are scaled afterwards (same maths). Set with the path.
+        self.rowwise = False
+        self.scale_input = scale_to_fp8  # or a compiled scale_to_fp8_fusible (pipeline/dit/fusion.py)
         self._resolve_path()
 
     @classmethod
@@ -117,14 +144,18 @@ class Fp8Linear(nn.Module):
     def _resolve_path(self) -> None:
         device = self.weight_padded.device
         if device.type != "meta":
-            self.path = choose_path(self.mode, device)
-            self.compute_dtype = dequantize_compute_dtype(device)
+            self.compute_on(device)
 
     def compute_on(self, device: torch.device | str) -> None:
         """Run on ``device`` while the weights are stored elsewhere (block swap keeps them in CPU memory and
         brings them in per call): resolve the matmul path for the compute device."""
         self.path = choose_path(self.mode, device)
         self.compute_dtype = dequantize_compute_dtype(device)
+        self.rowwise = (
+            self.path == FP8_MATMUL
+            and self.row_scale_padded is not None
+            and supports_rowwise_scaled_mm(device, self.fast_accum)
+        )
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         tensors = {"weight": self.weight, "weight_scale": self.weight_scale, "bias": self.bias}
@@ -230,21 +261,26 @@ class Fp8Linear(nn.Module):
         return self.bias[expert * self.out_features : (expert + 1) * self.out_features]
 
     def _fp8_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        tokens, n, k = x.shape[0], self.out_features, self.in_features
-        weight = self.weight_padded[expert * n : expert * n + self.padded_out]  # [N_padded, K_padded]
+        n = self.out_features
         # Dynamic per-tensor activation scale, kept on the device (no host sync). amax/448 is rounded in the
         # input dtype before going to float32, exactly as the published FP8 runtime does, so outputs match it.
         amax = torch.linalg.vector_norm(x, ord=math.inf).clamp(min=MIN_AMAX)
         x_scale = (amax / FP8_MAX).to(torch.float32)
-        scaled = (x.to(torch.float32) / x_scale).clamp_(-FP8_MAX, FP8_MAX)  # [tokens, K]
-        if self.padded_in == k:
-            x8 = scaled.to(FP8_DTYPE)
-        else:
-            x8 = _fp8_zeros(tokens, self.padded_in, x.device)
-            x8[:, :k] = scaled  # [tokens, K_padded]
-        if self.row_scale_padded is not None:
+        x8 = self.scale_input(x, x_scale, self.padded_in)  # [tokens, K_padded] FP8
+        y = self._gemm(x8, x_scale, expert)[:, :n]  # [tokens, N]
+        bias = self._bias(expert)
+        return y if bias is None else y + bias.to(torch.bfloat16)
+
+    def _gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, expert: int) -> torch.Tensor:
+        """x8 [tokens, K_padded] FP8 with its 0-dim scale -> [tokens, N_padded] bf16 for one expert."""
+        n = self.out_features
+        weight = self.weight_padded[expert * n : expert * n + self.padded_out]  # [N_padded, K_padded]
+        row_scale = None if self.row_scale_padded is None else self.row_scale_padded[expert]  # [1, N_pad]
+        if row_scale is not None and self.rowwise:
             # Row-wise _scaled_mm wants [M, 1] x [1, N] scales; the activation scale is still one per call.
-            scale_a, scale_b = x_scale.expand(tokens, 1).contiguous(), self.row_scale_padded[expert]
+            scale_a, scale_b = x_scale.expand(x8.shape[0], 1).contiguous(), row_scale
+        elif row_scale is not None:
+            scale_a, scale_b = x_scale, x_scale.new_ones(())  # scaled per output column below
         else:
             scale_a = x_scale
             scale_b = self.weight_scale if self.weight_scale.ndim == 0 else self.weight_scale[expert]
@@ -256,9 +292,12 @@ class Fp8Linear(nn.Module):
             out_dtype=torch.bfloat16,
             use_fast_accum=self.fast_accum,
         )
-        y = (y[0] if isinstance(y, tuple) else y)[:, :n]  # [tokens, N]; torch 2.4 returned (out, amax)
-        bias = self._bias(expert)
-        return y if bias is None else y + bias.to(torch.bfloat16)
+        y = y[0] if isinstance(y, tuple) else y  # torch 2.4 returned (out, amax)
+        if row_scale is not None and not self.rowwise:
+            # The activation scale is per tensor, so scaling output column j by s_j is the row-wise product;
+            # fp32 multiply, one more bf16 rounding, in place on the GEMM's own output.
+            y.mul_(row_scale)
+        return y
 
     def _dequantized_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         n, dtype = self.out_features, self.compute_dtype

@@ -14,6 +14,7 @@ from .codecs.audio_vae import load_audio_vae
 from .codecs.text_encoder import NEGATIVE_PROMPT, load_text_encoder
 from .codecs.turbo_vae import load_turbo_vae, turbo_files
 from .codecs.wan_vae import load_wan_vae
+from .dit.fusion import AUTO, fuse
 from .dit.loading import load_dit
 from .media.files import write_mp4, write_wav
 from .media.outputs import staged_outputs
@@ -145,6 +146,7 @@ def run(
         device=device,
         swap_layers=request.swap_layers,
     )
+    fuse(dit, AUTO, device)  # compiled elementwise kernels where Triton works
     base = BaseRequest(
         size=size, text=text, seed=request.seed, negative=negative, image_latent=image_latent,
         hooks=hooks(f"{request.mode} sampling"), device=device, mode=request.mode, steps=request.steps,
@@ -160,6 +162,7 @@ def run(
             device=device,
             swap_layers=request.swap_layers,
         )
+        fuse(sr_dit, AUTO, device)
         sr_size = clip_size(latent.seconds, *request.sr_size)
         sr_image = None if image is None else reference_latent(wan, image, sr_size.width, sr_size.height)
         sr = SRRequest(

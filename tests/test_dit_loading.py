@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import FIXTURES, load_tensors
 from magihuman.fp8.checkpoint import CheckpointError
+from magihuman.fp8.linear import Fp8Linear
 from magihuman.fp8.quantize import sqnr_db
 from magihuman.pipeline.dit.linear import Bf16Linear
 from magihuman.pipeline.dit.loading import detect_variant, load_dit
@@ -106,6 +107,14 @@ def test_auto_compute_keeps_the_stored_precision():
     assert fp8_report.linear == "Fp8Linear(auto)" and plain_report.linear == "Bf16Linear"
     assert fp8.block.layers[0].attention.linear_qkv.path == "dequantize"  # CPU: see fp8/capability.py
     assert fp8.config.coords_style == "v2" and plain.config.local_attn_layers == ()
+
+
+def test_fast_accumulation_is_a_load_option_off_by_default():
+    def fast_accum(model):
+        return {m.fast_accum for m in model.modules() if isinstance(m, Fp8Linear)}
+
+    assert fast_accum(load_dit(FP8, "base")[0]) == {False}  # as the published FP8 runtime
+    assert fast_accum(load_dit(FP8, "base", compute="fp8-matmul", fast_accum=True)[0]) == {True}
 
 
 @pytest.mark.parametrize(

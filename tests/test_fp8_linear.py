@@ -3,7 +3,9 @@
 import pytest
 import torch
 from conftest import FIXTURES, load_tensors
-from magihuman.fp8.capability import choose_path, supports_fp8_matmul
+from magihuman.fp8 import capability
+from magihuman.fp8 import linear as fp8_linear
+from magihuman.fp8.capability import choose_path, supports_fp8_matmul, supports_rowwise_scaled_mm
 from magihuman.fp8.linear import Fp8Linear
 from magihuman.fp8.quantize import Fp8Weight, Granularity, quantize, sqnr_db
 from safetensors.torch import load_file
@@ -93,6 +95,55 @@ def test_experts_with_every_scale_granularity_and_an_empty_group(granularity, mo
     reference = torch.cat([dense[:5, :n], dense[5:, 2 * n :]])
     assert y.shape == (17, n) and sqnr_db(reference, y) > (28.0 if mode == "fp8-matmul" else 40.0)
     assert layer(x[:0], (0, 0, 0)).shape == (0, n)
+
+
+def row_scaled_case():
+    n, k, splits = 40, 48, (5, 0, 12)
+    x, weight, _ = random_case(sum(splits), 3 * n, k, seed=1)
+    weight[n : 2 * n] *= 100
+    return x, quantize(weight, Granularity.ROW, num_experts=3), splits
+
+
+def test_row_scales_without_rowwise_scaled_mm_compute_the_same_product(monkeypatch):
+    """Where row-wise _scaled_mm is missing (Windows, older sm_89 and some Blackwell builds), the per-tensor
+    GEMM with its output columns scaled afterwards gives the row-wise result (one extra bf16 rounding)."""
+    if not supports_rowwise_scaled_mm("cpu"):
+        pytest.skip("this torch build has no row-wise CPU _scaled_mm to compare against")
+    x, fp8, splits = row_scaled_case()
+    direct = Fp8Linear.from_fp8(fp8, 3, mode="fp8-matmul")
+    monkeypatch.setattr(fp8_linear, "supports_rowwise_scaled_mm", lambda device, fast_accum=False: False)
+    fallback = Fp8Linear.from_fp8(fp8, 3, mode="fp8-matmul")
+    assert direct.rowwise and not fallback.rowwise
+    y, expected = fallback(x, splits), direct(x, splits)
+    assert y.dtype == torch.bfloat16 and y.shape == expected.shape
+    assert bf16_ulps(y, expected).max() <= 1.0
+    reference = Fp8Linear.from_fp8(fp8, 3, mode="dequantize")(x, splits)
+    assert sqnr_db(reference, y) > 30.0
+
+
+def test_rowwise_support_is_probed_once_per_device(monkeypatch):
+    calls = []
+    real = torch._scaled_mm
+
+    def no_rowwise(a, b, scale_a, scale_b, **kwargs):
+        calls.append(scale_a.shape)
+        if scale_a.numel() > 1:
+            raise RuntimeError("Rowwise scaling is not currently supported on your device")
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kwargs)
+
+    capability._rowwise_probe.cache_clear()
+    monkeypatch.setattr(torch, "_scaled_mm", no_rowwise)
+    try:
+        x, fp8, splits = row_scaled_case()
+        layers = [Fp8Linear.from_fp8(fp8, 3, mode="fp8-matmul") for _ in range(3)]
+        probes = len(calls)
+        assert probes == 1 and not any(layer.rowwise for layer in layers)
+        y = layers[0](x, splits)  # would raise if the row-wise recipe were used
+        reference = Fp8Linear.from_fp8(fp8, 3, mode="dequantize")(x, splits)
+        assert sqnr_db(reference, y) > 30.0
+        assert all(shape.numel() == 1 for shape in calls[probes:])
+    finally:
+        capability._rowwise_probe.cache_clear()
 
 
 def test_bias_is_added_after_the_product():
@@ -191,6 +242,22 @@ def test_gpu_fp8_matmul_agrees_with_dequantize_without_host_sync(granularity):
         torch.cuda.set_sync_debug_mode("default")
     reference = Fp8Linear.from_fp8(fp8, 3, mode="dequantize")(x, splits)
     assert y.dtype == torch.bfloat16 and sqnr_db(reference, y) > 30.0
+
+
+@pytest.mark.gpu
+def test_gpu_row_scales_without_rowwise_kernel_agree_with_dequantize(monkeypatch):
+    device = torch.device("cuda")
+    if not supports_fp8_matmul(device):
+        pytest.skip("this GPU has no FP8 matmul (compute capability < 8.9)")
+    monkeypatch.setattr(fp8_linear, "supports_rowwise_scaled_mm", lambda device, fast_accum=False: False)
+    n, k, splits = 7208, 5120, (37, 0, 20)
+    x, weight, _ = random_case(sum(splits), 3 * n, k)
+    fp8 = quantize(weight.to(device), Granularity.ROW, num_experts=3)
+    layer = Fp8Linear.from_fp8(fp8, 3, mode="fp8-matmul")
+    assert not layer.rowwise
+    y = layer(x.to(device), splits)
+    reference = Fp8Linear.from_fp8(fp8, 3, mode="dequantize")(x.to(device), splits)
+    assert sqnr_db(reference, y) > 30.0
 
 
 @pytest.mark.gpu

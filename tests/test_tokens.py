@@ -137,3 +137,16 @@ def test_pack_rejects_integer_latents_and_names_the_sample():
     bad = (good[0], torch.zeros(1, 1, 64, dtype=torch.int64), good[2])
     with pytest.raises(ValueError, match="sample 1: audio must be a float tensor"):
         pack([good, bad], CHANNELS)
+
+
+@pytest.mark.gpu
+def test_gpu_stream_coordinates_need_no_host_sync():
+    stream = TokenStream((SampleShape(3, 2, 4, 9, 5), SampleShape(2, 2, 2, 5, 7)))
+    expected = stream_coords(stream, "v2")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        coords = stream_coords(stream, "v2", torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(coords.cpu(), expected)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import FIXTURES, load_cli, load_tensors
 from magihuman.fp8.checkpoint import CheckpointError
-from magihuman.pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
-from magihuman.pipeline.codecs.wan_vae import decode_tiled, load_wan_vae
+from magihuman.pipeline.codecs.pointwise_conv import pointwise_conv3d
+from magihuman.pipeline.codecs.turbo_vae import Conv3d, load_turbo_vae, turbo_files
+from magihuman.pipeline.codecs.wan_vae import CausalConv3d, decode_tiled, load_wan_vae
 from magihuman.pipeline.media.frames import image_to_video_input, to_image, to_uint8
 from magihuman.pipeline.weights.torch_files import convert_pickle, load_torch_file
 from safetensors.torch import load_file, save_file
@@ -199,3 +200,16 @@ def test_image_output_and_reference_image_preparation():
     torch.testing.assert_close(image_to_video_input(exact, 64, 32)[0, :, 0].permute(1, 2, 0), exact * 2 - 1)
     with pytest.raises(ValueError, match="reference image must be"):
         image_to_video_input(torch.rand(10, 10), 64, 32)
+
+
+def test_pointwise_3d_convolutions_run_as_a_channel_matmul():
+    """1x1x1 Conv3d layers (slow on cuDNN 9.8-9.14) are a GEMM over channels: same result as the conv."""
+    x = torch.randn(2, 6, 3, 5, 4)
+    turbo, wan = Conv3d(6, 10, 1), CausalConv3d(6, 10, 1)
+    assert turbo.pointwise and wan.pointwise and not Conv3d(6, 10, 3).pointwise
+    assert not CausalConv3d(6, 10, (3, 1, 1), padding=(1, 0, 0)).pointwise
+    for layer, conv in ((turbo, turbo.conv), (wan, wan)):
+        expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    out = pointwise_conv3d(x.bfloat16(), wan.weight.bfloat16(), wan.bias.bfloat16())
+    assert out.shape == (2, 10, 3, 5, 4) and out.dtype == torch.bfloat16

@@ -12,6 +12,7 @@ from torch import nn
 
 from ...fp8.checkpoint import Checkpoint, CheckpointError
 from ..weights.torch_files import assign_weights, load_torch_file
+from .pointwise_conv import pointwise_conv3d
 from .wan_stats import denormalize
 
 
@@ -28,9 +29,12 @@ class Conv3d(nn.Module):
         super().__init__()
         kt, kh, kw = (kernel,) * 3 if isinstance(kernel, int) else kernel
         self.pad_t = (kt - 1) // 2
+        self.pointwise = (kt, kh, kw) == (1, 1, 1)
         self.conv = nn.Conv3d(cin, cout, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pointwise:
+            return pointwise_conv3d(x, self.conv.weight, self.conv.bias)
         if self.pad_t:
             first, last = x[:, :, :1], x[:, :, -1:]
             x = torch.cat(

@@ -12,6 +12,7 @@ from torch import nn
 
 from ...fp8.checkpoint import Checkpoint, CheckpointError
 from ..weights.torch_files import assign_weights, load_torch_file
+from .pointwise_conv import pointwise_conv3d
 from .wan_stats import denormalize, normalize
 
 CACHE_T = 2  # frames of history a k=3 causal conv needs
@@ -25,8 +26,11 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(cin, cout, kernel, stride=stride)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         self.pads = (pw, pw, ph, ph, 2 * pt)
+        self.pointwise = self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and not any(self.pads)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        if self.pointwise:
+            return pointwise_conv3d(x, self.weight, self.bias)
         pw, _, ph, _, pt = self.pads
         if cache is not None and pt > 0:
             previous = cache.get(self)

@@ -10,8 +10,8 @@ import importlib.util
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from .sdpa import SdpaAttention
 from .tokens import SampleShape, TokenStream
 
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -22,11 +22,8 @@ INSTALL_HINTS = {
 }
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """PyTorch scaled_dot_product_attention (it picks flash/efficient/math itself); GQA needs torch >= 2.5."""
-    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, S, Dh]
-    out = F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
-    return out[0].transpose(0, 1)
+# The default kernel; its backend plans are chosen per device and shape class at first use (see sdpa.py).
+sdpa_attention = SdpaAttention()
 
 
 def fp32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -35,9 +32,18 @@ def fp32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return sdpa_attention(q.float(), k.float(), v.float()).to(q.dtype)
 
 
+def _fa3_usable() -> bool:
+    # FA3 builds target Hopper; on other GPUs its first call raises (GPU_REVIEW.md C2): sm_90 only.
+    return (
+        importlib.util.find_spec("flash_attn_interface") is not None
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability()[0] == 9
+    )
+
+
 def _flash_kernel() -> AttentionKernel:
-    # FA3 (Hopper, package flash_attn_interface) first, as the official code does; else FA2.
-    if importlib.util.find_spec("flash_attn_interface") is not None:
+    # FA3 (package flash_attn_interface) on Hopper, as the official code does; FA2 everywhere else.
+    if _fa3_usable():
         from flash_attn_interface import flash_attn_func
     else:
         from flash_attn import flash_attn_func
@@ -61,15 +67,16 @@ def _sage_kernel() -> AttentionKernel:
 
 def is_available(name: str) -> bool:
     if name == "flash":
-        return any(importlib.util.find_spec(m) is not None for m in ("flash_attn_interface", "flash_attn"))
+        return _fa3_usable() or importlib.util.find_spec("flash_attn") is not None
     if name == "sage":
         return importlib.util.find_spec("sageattention") is not None
     return name in ("sdpa", "fp32")
 
 
 def make_attention(name: str = "sdpa") -> AttentionKernel:
-    """Resolve a kernel once: "sdpa" (default), "flash" (FA3 or FA2), "sage", "fp32" (reference), or "auto"
-    (flash-attn when installed and CUDA is present, else SDPA). A chosen but missing backend raises
+    """Resolve a kernel once: "sdpa" (default; its backend is chosen per device and shape class, never the
+    O(S²) math kernel, see sdpa.py), "flash" (FA3 on sm_90, else FA2), "sage", "fp32" (reference), or
+    "auto" (flash-attn when installed and CUDA is present, else SDPA). A chosen but missing backend raises
     ``ImportError`` with the pip line that installs it."""
     if name == "auto":
         name = "flash" if torch.cuda.is_available() and is_available("flash") else "sdpa"

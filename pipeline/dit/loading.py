@@ -59,13 +59,13 @@ class LoadReport:
     seconds: float
 
 
-def _linear_class(compute: str, stored_fp8: bool, granularity: Granularity):
+def _linear_class(compute: str, stored_fp8: bool, granularity: Granularity, fast_accum: bool):
     """The block-linear class for a compute mode, and the granularity used when quantizing while loading."""
     if compute not in COMPUTE_MODES:
         raise ValueError(f"compute must be one of {', '.join(COMPUTE_MODES)}; got {compute!r}")
     if compute == BF16 or (compute == AUTO and not stored_fp8):
         return Bf16Linear, None
-    return functools.partial(Fp8Linear, mode=compute), granularity
+    return functools.partial(Fp8Linear, mode=compute, fast_accum=fast_accum), granularity
 
 
 def load_dit(
@@ -76,6 +76,7 @@ def load_dit(
     attention: str = "sdpa",
     quantize_scales: Granularity = Granularity.TENSOR,
     swap_layers: int = 0,
+    fast_accum: bool = False,
 ) -> tuple[MagiDiT, LoadReport]:
     """Load a DiT checkpoint for inference.
 
@@ -85,6 +86,9 @@ def load_dit(
     bf16 linears (FP8 files are dequantized while loading). ``variant`` is taken from the name when omitted.
     ``swap_layers``: keep that many of the last layers in CPU memory and stream them in per forward
     (:class:`~.block_swap.BlockSwap`); they are loaded to the CPU directly, so the device never holds them.
+    ``fast_accum``: ``_scaled_mm``'s fast accumulation on the fp8-matmul path (faster on Hopper, less exact
+    accumulation); off by default, as in the published FP8 runtime, until ``bench gpu-check`` has measured
+    what it gains and costs.
     """
     start = time.perf_counter()
     path = Path(path)
@@ -103,7 +107,7 @@ def load_dit(
     stored_fp8 = bool(reader.fp8_keys())
     if compute == AUTO and reader.full_precision_matmul:
         compute = DEQUANTIZE  # the file asks for its FP8 weights to be multiplied in high precision
-    linear_cls, granularity = _linear_class(compute, stored_fp8, quantize_scales)
+    linear_cls, granularity = _linear_class(compute, stored_fp8, quantize_scales, fast_accum)
     model = MagiDiT(config, linear_cls=linear_cls, attention=make_attention(attention), device="meta")
     expected = model.state_dict(keep_vars=True)
 

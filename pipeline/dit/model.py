@@ -25,9 +25,24 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 ACTIVATION_ROWS = 4096  # the MLP activation runs in row chunks to bound its fp32 temporaries
 
 
+def modality_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, num_experts: int, splits: Splits | None, eps: float, out_dtype
+) -> torch.Tensor:
+    """RMSNorm of x [S, D] over D in fp32 with weight (1 + w); with 3 experts, rows grouped by ``splits``
+    take their modality's chunk of ``weight`` [E·D]. Result in ``out_dtype`` (fp32, or bf16 for a GEMM)."""
+    t = x.float()
+    t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if num_experts == 1:
+        return t.mul_(weight + 1).to(out_dtype)
+    for rows, chunk in zip(t.split(splits), weight.chunk(num_experts), strict=True):
+        rows.mul_(chunk + 1)
+    return t.to(out_dtype)
+
+
 class ModalityRMSNorm(nn.Module):
     """RMSNorm over the last dim in fp32 with weight (1 + w), eps 1e-6; with 3 experts, ``weight`` holds one
-    chunk per modality and rows are grouped by ``splits`` along dim 0."""
+    chunk per modality and rows are grouped by ``splits`` along dim 0. ``kernel`` is
+    :func:`modality_rms_norm` or its compiled twin (``fusion.fuse``)."""
 
     def __init__(self, dim: int, num_experts: int = 1, device: torch.device | str | None = None):
         super().__init__()
@@ -35,15 +50,10 @@ class ModalityRMSNorm(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(num_experts * dim, dtype=torch.float32, device=device), requires_grad=False
         )
+        self.kernel = modality_rms_norm
 
-    def forward(self, x: torch.Tensor, splits: Splits | None = None) -> torch.Tensor:
-        t = x.float()
-        t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        if self.num_experts == 1:
-            return t.mul_(self.weight + 1)
-        for rows, weight in zip(t.split(splits), self.weight.chunk(self.num_experts), strict=True):
-            rows.mul_(weight + 1)
-        return t
+    def forward(self, x: torch.Tensor, splits: Splits | None = None, out_dtype=torch.float32) -> torch.Tensor:
+        return self.kernel(x, self.weight, self.num_experts, splits, self.eps, out_dtype)
 
 
 def gelu7(u: torch.Tensor) -> torch.Tensor:
@@ -60,6 +70,17 @@ def swiglu7(u: torch.Tensor) -> torch.Tensor:
     return gate.mul_(torch.sigmoid(gate * 1.702)).mul_(linear.add_(1)).to(torch.bfloat16)
 
 
+def norm_rope(x, weight, num_experts: int, splits: Splits | None, eps: float, sin, cos) -> torch.Tensor:
+    """q or k [S, H, Dh]: per-head RMSNorm in fp32 (as :func:`modality_rms_norm`), then RoPE with sin/cos
+    [S, n], written in bf16 (the attention input)."""
+    return apply_rope(modality_rms_norm(x, weight, num_experts, splits, eps, torch.float32), sin, cos)
+
+
+def attention_gate(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """o [S, Hq, Dh] bf16 times the per-token, per-head gate sigmoid(g [S, Hq]) in fp32 -> [S, Hq·Dh] bf16."""
+    return (o * torch.sigmoid(g.float()).unsqueeze(-1)).reshape(o.shape[0], -1).to(torch.bfloat16)
+
+
 class Attention(nn.Module):
     def __init__(self, config: DiTConfig, layer: int, linear_cls: Callable, device):
         super().__init__()
@@ -73,24 +94,23 @@ class Attention(nn.Module):
         self.linear_proj = linear_cls(self.heads_q * dh, d, num_experts=e, device=device)
         self.q_norm = ModalityRMSNorm(dh, e, device)
         self.k_norm = ModalityRMSNorm(dh, e, device)
+        self.norm_rope, self.gate = norm_rope, attention_gate  # or compiled twins (fusion.fuse)
 
     def forward(self, x: torch.Tensor, rope: Rope, splits: Splits, attend: StreamAttention) -> torch.Tensor:
         """x [S, D] fp32 -> attention output [S, D] bf16 (added to the residual by the caller)."""
         s, dh = x.shape[0], self.head_dim
         splits = splits if self.per_modality else None  # the linear contract: None for one expert
-        h = self.pre_norm(x, splits).to(torch.bfloat16)  # [S, D]
+        h = self.pre_norm(x, splits, torch.bfloat16)  # [S, D]
         qkv = self.linear_qkv(h, splits)  # [S, (Hq + 2Hkv)·Dh + G] bf16
         q, k, v, g = qkv.split(
             [self.heads_q * dh, self.heads_kv * dh, self.heads_kv * dh, self.gate_channels], 1
         )
-        q = self.q_norm(q.view(s, self.heads_q, dh), splits)  # [S, Hq, Dh] fp32
-        k = self.k_norm(k.view(s, self.heads_kv, dh), splits)  # [S, Hkv, Dh] fp32
-        q = apply_rope(q, *rope)  # [S, Hq, Dh] bf16
-        k = apply_rope(k, *rope)  # [S, Hkv, Dh] bf16
+        e, eps = self.q_norm.num_experts, self.q_norm.eps
+        q = self.norm_rope(q.view(s, self.heads_q, dh), self.q_norm.weight, e, splits, eps, *rope)  # bf16
+        k = self.norm_rope(k.view(s, self.heads_kv, dh), self.k_norm.weight, e, splits, eps, *rope)  # bf16
         o = attend(q, k, v.view(s, self.heads_kv, dh), self.local)  # [S, Hq, Dh] bf16
-        if self.gate_channels:
-            o = o * torch.sigmoid(g.float()).unsqueeze(-1)  # [S, Hq, Dh] fp32: per-token, per-head gate
-        return self.linear_proj(o.reshape(s, self.heads_q * dh).to(torch.bfloat16), splits)  # [S, D]
+        o = self.gate(o, g) if self.gate_channels else o.reshape(s, self.heads_q * dh)  # [S, Hq·Dh] bf16
+        return self.linear_proj(o, splits)  # [S, D]
 
 
 class MLP(nn.Module):
@@ -108,7 +128,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, splits: Splits) -> torch.Tensor:
         """x [S, D] fp32 -> MLP output [S, D] bf16."""
         splits = splits if self.per_modality else None
-        u = self.up_gate_proj(self.pre_norm(x, splits).to(torch.bfloat16), splits)  # [S, up] bf16
+        u = self.up_gate_proj(self.pre_norm(x, splits, torch.bfloat16), splits)  # [S, up] bf16
         a = u.new_empty(u.shape[0], self.intermediate)  # [S, I] bf16
         for rows, out in zip(u.split(ACTIVATION_ROWS), a.split(ACTIVATION_ROWS), strict=True):
             out.copy_(self.activation(rows))

@@ -148,8 +148,11 @@ def grid_coords(
     """
     t, h, w = (torch.arange(n, dtype=torch.float32, device=device) for n in size)
     grid = torch.stack(torch.meshgrid(t + offset_t, h, w, indexing="ij"), dim=-1).reshape(-1, 3)
-    meta = torch.tensor([*size, *ref], dtype=torch.float32, device=device).expand(grid.shape[0], 6)
-    return torch.cat([grid, meta], dim=1)
+    coords = torch.empty(grid.shape[0], 9, device=device)  # [T·H·W, 9]
+    coords[:, :3] = grid
+    for column, value in enumerate((*size, *ref), start=3):
+        coords[:, column] = value  # a fill kernel: no host-to-device copy, so no sync per forward (S5)
+    return coords
 
 
 def video_coords(s: SampleShape, device: torch.device | None = None) -> torch.Tensor:
