@@ -398,6 +398,12 @@ def _add_generate(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument(
+        "--parallel", choices=("auto", "sequence", "cfg"), default="auto",
+        help="under torchrun: split each DiT call's tokens over the processes (sequence), or run the "
+        "base model's two guidance branches on 2 processes (cfg); auto = cfg for --mode base on 2 "
+        "processes, else sequence",
+    )  # fmt: skip
+    parser.add_argument(
         "--models-dir", type=Path, default=_default_models_dir(), help="ComfyUI models folder"
     )
     for name in ("dit", "sr-dit", "text-encoder", "audio-vae", "turbo-vae", "wan-vae"):
@@ -428,6 +434,31 @@ def _sr_size(text: str | None) -> tuple[int, int] | None:
     return int(width), int(height)
 
 
+def _parallel_plan(args, device: str):
+    """Under torchrun (WORLD_SIZE > 1): join the group (NCCL on CUDA, gloo on the CPU), one GPU per local
+    rank; returns (plan, device). Without torchrun: (None, device)."""
+    import dataclasses
+    import os
+
+    import torch
+    from magihuman.pipeline.dit.parallel import start_group
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if args.parallel == "cfg":
+            raise ValueError("--parallel cfg needs 2 processes: start with torchrun --nproc-per-node 2")
+        return None, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    cfg = args.parallel == "cfg" or (args.parallel == "auto" and args.mode == "base" and world == 2)
+    if cfg and (world != 2 or args.mode != "base"):
+        raise ValueError(f"--parallel cfg runs the base model's 2 guidance branches on 2 processes, got "
+                         f"{world} processes and --mode {args.mode}")  # fmt: skip
+    plan = start_group(torch.device(device))
+    return dataclasses.replace(plan, cfg=cfg), device
+
+
 def _run_generate(args) -> int:
     import torch
     from magihuman.fp8.checkpoint import CheckpointError
@@ -436,10 +467,11 @@ def _run_generate(args) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        plan, device = _parallel_plan(args, device)
         request = Request(
             args.prompt, args.seconds, args.width, args.height, args.mode, args.seed, args.steps,
             args.negative or NEGATIVE_PROMPT, _sr_size(args.sr), args.image, args.audio, args.decoder,
-            args.compute, args.swap_layers,
+            args.compute, args.swap_layers, plan,
         )  # fmt: skip
         given = {
             k: getattr(args, k)
@@ -454,6 +486,9 @@ def _run_generate(args) -> int:
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -4,7 +4,7 @@ when its stage comes and release it after, run the same stage functions as the n
 import gc
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from .codecs.text_encoder import NEGATIVE_PROMPT, load_text_encoder
 from .codecs.turbo_vae import load_turbo_vae, turbo_files
 from .codecs.wan_vae import load_wan_vae
 from .dit.loading import load_dit
+from .dit.parallel import ParallelPlan
 from .media.files import read_audio, read_image, write_mp4, write_wav
 from .precision import vae_dtype
 from .sampling.loops import Hooks
@@ -80,6 +81,7 @@ class Request:
     decoder: str = "turbo"  # turbo, wan or both
     compute: str = "auto"
     swap_layers: int = 0
+    parallel: ParallelPlan | None = None  # torchrun: every rank runs the DiT stages, rank 0 writes the files
 
 
 Progress = Callable[[str, int, int], None]
@@ -96,7 +98,9 @@ def run(
     paths: ModelPaths, request: Request, output: Path, device: str = "cpu", progress: Progress | None = None
 ):
     """Generate one clip; returns the files written (``<output>.mp4``, ``<output>.wav``, and
-    ``<output>_wan.mp4`` when both decoders are asked for)."""
+    ``<output>_wan.mp4`` when both decoders are asked for). With ``request.parallel`` every rank of the group
+    calls this with the same request: they sample together, and only rank 0 decodes and writes (the others
+    return no files)."""
     size = clip_size(request.seconds, request.width, request.height)  # bad requests fail before any loading
     if request.steps is not None:
         check_steps(request.steps)
@@ -107,6 +111,10 @@ def run(
             raise CheckpointError(missing_file_message("wan_vae", []))
     if request.decoder in ("turbo", "both") and paths.turbo_vae is None:
         raise CheckpointError(missing_file_message("turbo_vae", []))
+
+    plan = request.parallel
+    lead = plan is None or plan.rank == 0
+    progress = progress if lead else None
 
     def hooks(stage: str) -> Hooks:
         return Hooks(on_step=lambda i, n, *_: progress(stage, i, n)) if progress else Hooks()
@@ -136,7 +144,7 @@ def run(
     base = BaseRequest(
         size=size, text=text, seed=request.seed, negative=negative, image_latent=image_latent,
         hooks=hooks(f"{request.mode} sampling"), device=device, mode=request.mode, steps=request.steps,
-        audio=sound,
+        audio=sound, parallel=plan,
     )  # fmt: skip
     latent = generate_base(dit, base)
     _free(dit)
@@ -149,10 +157,13 @@ def run(
         sr = SRRequest(
             size=sr_size, text=text, seed=request.seed, image_latent=sr_image,
             hooks=hooks("super-resolution"), device=device,
+            parallel=None if plan is None else replace(plan, cfg=False),  # SR: the long sequence splits
         )  # fmt: skip
         latent = generate_sr(sr_dit, latent, sr)
         _free(sr_dit)
 
+    if not lead:
+        return []
     written = []
     decoders = {"turbo": ["turbo"], "wan": ["wan"], "both": ["turbo", "wan"]}[request.decoder]
     for name in decoders:

@@ -168,6 +168,23 @@ class ParallelDiT:
         return outputs
 
 
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How the processes of a group share a stage (a field of the stage request; every rank runs the stage
+    with the same request). ``group`` None = the default group; ``cfg``: guidance branches on separate ranks
+    (the base model's guided steps with 2 ranks) instead of splitting the sequence."""
+
+    group: dist.ProcessGroup | None = None
+    cfg: bool = False
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def wrap(self, dit) -> "ParallelDiT":
+        return ParallelDiT(dit, Ulysses.of(self.group), self.cfg)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a group of local processes)."""
     import socket
@@ -177,7 +194,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_group(device: torch.device, timeout_s: float = 300.0) -> Ulysses | None:
+def start_group(device: torch.device, timeout_s: float = 300.0) -> ParallelPlan | None:
     """Join the group torchrun describes (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): NCCL on CUDA,
     gloo on the CPU. None when there is one process. A rank that stops answering ends the others' collectives
     with an error after ``timeout_s`` instead of a hang."""
@@ -189,4 +206,4 @@ def start_group(device: torch.device, timeout_s: float = 300.0) -> Ulysses | Non
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return Ulysses.of()
+    return ParallelPlan()
