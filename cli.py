@@ -174,6 +174,15 @@ def _add_bench(subparsers) -> None:
         help="dit, vae: which clip sizes to run (256p, 540p, 1080p). Default: all three",
     )
     parser.add_argument(
+        "--world",
+        type=int,
+        default=None,
+        metavar="N",
+        help="dit: sequence parallelism over N processes (1, 2, 4, 8; started with torchrun on 127.0.0.1, "
+        "one GPU each on CUDA): step time and bytes sent per rank per step. Default: one process, FP8 vs "
+        "bf16",
+    )
+    parser.add_argument(
         "--latent-frames",
         type=int,
         default=None,
@@ -237,7 +246,40 @@ def _bench_dit(args, device) -> int:
 
     repeats = args.repeats or (5 if device.type == "cuda" else 1)
     clips = args.clips.split(",")
+    if args.world is not None:
+        return _bench_dit_parallel(args, device, clips, repeats)
     print(format_forward_results(bench_dit_forward(device, clips, repeats), device))
+    return 0
+
+
+def _bench_dit_parallel(args, device, clips: list[str], repeats: int) -> int:
+    """``--world N``: this process starts N ranks of itself with torchrun; each rank lands here again."""
+    import os
+    import subprocess
+
+    import torch
+    from magihuman.benchmarks.dit_parallel import bench_dit_parallel, format_parallel_results
+    from magihuman.pipeline.dit.parallel import free_port, start_group
+
+    if args.world > 1 and "WORLD_SIZE" not in os.environ:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                   "--nproc-per-node", str(args.world), "--master-addr", "127.0.0.1",
+                   "--master-port", str(free_port()), str(Path(__file__).resolve()), "bench", "dit",
+                   "--world", str(args.world), "--device", device.type, "--clips", ",".join(clips),
+                   "--repeats", str(repeats)]  # fmt: skip
+        # On the CPU the ranks share the cores: one rank per core is the fair split.
+        threads = str(max(1, (os.cpu_count() or 1) // args.world))
+        env = os.environ if device.type == "cuda" else {**os.environ, "OMP_NUM_THREADS": threads}
+        return subprocess.run(command, env=env).returncode
+    if device.type == "cuda" and args.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    plan = start_group(device)
+    results = bench_dit_parallel(device, clips, repeats)
+    if plan is None or plan.rank == 0:
+        print(format_parallel_results(results, device))
+    if plan is not None:
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -124,6 +124,14 @@ def test_shards_cover_the_stream_in_order():
     assert pieces == [(5, 0, 0), (2, 2, 0), (0, 0, 5)]
 
 
+def test_head_counts_that_cannot_be_split_are_refused():
+    for world in (1, 2, 4, 8):
+        Ulysses(0, world).check_heads(40, 8)  # MagiHuman
+    Ulysses(0, 4).check_heads(8, 2)  # the tiny model: KV heads repeated
+    with pytest.raises(ValueError, match="use 1, 2, 4 or 8 GPUs"):
+        Ulysses(0, 3).check_heads(40, 8)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("world", [2, WORLD])
 def test_sequence_parallel_forward_matches_one_process(ranks, case, world):

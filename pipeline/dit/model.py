@@ -223,7 +223,8 @@ class MagiDiT(nn.Module):
         splits, shard = stream.splits, None
         if parallel is not None:  # this rank's rows s_r of the stream; attention sees whole samples
             shard = SequenceShard(parallel, stream)
-            x, rope, splits = shard.slice(x), tuple(shard.slice(r) for r in rope), shard.splits  # [s_r, D]
+            # A copy, so the whole stream's residual [S, D] is freed: each rank keeps only its rows.
+            x, rope, splits = shard.slice(x).clone(), tuple(shard.slice(r) for r in rope), shard.splits
             attend = shard.attention(attend)
         x = self.block(x, rope, splits, attend)
         nv, na, _ = splits
