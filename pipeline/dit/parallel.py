@@ -13,6 +13,7 @@ velocities are exchanged (one broadcast per branch); no activation crosses ranks
 World size 1 never builds any of this: the model's single-process path is today's code.
 """
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -125,12 +126,10 @@ class SequenceShard:
 
     def gather(self, video_out: torch.Tensor, audio_out: torch.Tensor, splits: Splits):
         """This rank's head outputs (its video rows, its audio rows) -> the whole stream's, on every rank."""
-        bounds = [0, *torch.tensor(self.rows).cumsum(0).tolist()]
-        video_rows = [local_splits(splits, a, b)[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        audio_rows = [local_splits(splits, a, b)[1] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        return self.ulysses.gather_rows(video_out, video_rows), self.ulysses.gather_rows(
-            audio_out, audio_rows
-        )
+        bounds = [0, *itertools.accumulate(self.rows)]
+        parts = [local_splits(splits, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        video = self.ulysses.gather_rows(video_out, [p[0] for p in parts])  # [Σv, 4C]
+        return video, self.ulysses.gather_rows(audio_out, [p[1] for p in parts])  # [Σa, 64]
 
 
 class ParallelDiT:
