@@ -11,6 +11,7 @@ outputs by O(1).
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 from pathlib import Path
 
@@ -86,7 +87,10 @@ def guided_run(model, batch_cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    address = f"tcp://127.0.0.1:{port}"
+    # A collective that waits longer than this (a rank stuck or gone) fails the test instead of hanging it.
+    timeout = datetime.timedelta(seconds=120)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=WORLD, timeout=timeout)
     pair = dist.new_group([0, 1])  # every rank takes part in creating it
     results = {}
     for name in CASES:
