@@ -183,6 +183,15 @@ def _add_bench(subparsers) -> None:
         help="dit, vae: which clip sizes to run (256p, 540p, 1080p). Default: all three",
     )
     parser.add_argument(
+        "--world",
+        type=int,
+        default=None,
+        metavar="N",
+        help="dit: sequence parallelism over N processes (1, 2, 4, 8; started with torchrun on 127.0.0.1, "
+        "one GPU each on CUDA): step time and bytes sent per rank per step. Default: one process, FP8 vs "
+        "bf16",
+    )
+    parser.add_argument(
         "--latent-frames",
         type=int,
         default=None,
@@ -260,7 +269,40 @@ def _bench_dit(args, device) -> int:
 
     repeats = args.repeats or (5 if device.type == "cuda" else 1)
     clips = args.clips.split(",")
+    if args.world is not None:
+        return _bench_dit_parallel(args, device, clips, repeats)
     print(format_forward_results(bench_dit_forward(device, clips, repeats), device))
+    return 0
+
+
+def _bench_dit_parallel(args, device, clips: list[str], repeats: int) -> int:
+    """``--world N``: this process starts N ranks of itself with torchrun; each rank lands here again."""
+    import os
+    import subprocess
+
+    import torch
+    from magihuman.benchmarks.dit_parallel import bench_dit_parallel, format_parallel_results
+    from magihuman.pipeline.dit.parallel import free_port, start_group
+
+    if args.world > 1 and "WORLD_SIZE" not in os.environ:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                   "--nproc-per-node", str(args.world), "--master-addr", "127.0.0.1",
+                   "--master-port", str(free_port()), str(Path(__file__).resolve()), "bench", "dit",
+                   "--world", str(args.world), "--device", device.type, "--clips", ",".join(clips),
+                   "--repeats", str(repeats)]  # fmt: skip
+        # On the CPU the ranks share the cores: one rank per core is the fair split.
+        threads = str(max(1, (os.cpu_count() or 1) // args.world))
+        env = os.environ if device.type == "cuda" else {**os.environ, "OMP_NUM_THREADS": threads}
+        return subprocess.run(command, env=env).returncode
+    if device.type == "cuda" and args.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    plan = start_group(device)
+    results = bench_dit_parallel(device, clips, repeats)
+    if plan is None or plan.rank == 0:
+        print(format_parallel_results(results, device))
+    if plan is not None:
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -439,6 +481,12 @@ def _add_generate(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument(
+        "--parallel", choices=("auto", "sequence", "cfg"), default="auto",
+        help="under torchrun: split each DiT call's tokens over the processes (sequence), or run the "
+        "base model's two guidance branches on 2 processes (cfg); auto = cfg for --mode base on 2 "
+        "processes, else sequence",
+    )  # fmt: skip
+    parser.add_argument(
         "--models-dir", type=Path, default=_default_models_dir(), help="ComfyUI models folder"
     )
     for name in ("dit", "sr-dit", "text-encoder", "audio-vae", "turbo-vae", "wan-vae"):
@@ -476,29 +524,63 @@ def _sr_size(text: str | None) -> tuple[int, int] | None:
     return int(width), int(height)
 
 
+def _parallel_plan(args, device: str):
+    """Under torchrun (WORLD_SIZE > 1): join the group (NCCL on CUDA, gloo on the CPU), one GPU per local
+    rank; returns (plan, device). Without torchrun: (None, device)."""
+    import dataclasses
+    import os
+
+    import torch
+    from magihuman.fp8.errors import InputError
+    from magihuman.pipeline.dit.parallel import start_group
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if args.parallel == "cfg":
+            raise InputError("--parallel cfg needs 2 processes: start with torchrun --nproc-per-node 2")
+        return None, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    cfg = args.parallel == "cfg" or (args.parallel == "auto" and args.mode == "base" and world == 2)
+    if cfg and (world != 2 or args.mode != "base"):
+        raise InputError(f"--parallel cfg runs the base model's 2 guidance branches on 2 processes, got "
+                         f"{world} processes and --mode {args.mode}")  # fmt: skip
+    plan = start_group(torch.device(device))
+    return dataclasses.replace(plan, cfg=cfg), device
+
+
 def _run_generate(args) -> int:
+    import torch
     from magihuman.fp8.errors import InputError
     from magihuman.pipeline.codecs.text_encoder import NEGATIVE_PROMPT
     from magihuman.pipeline.preflight import check_request, resolve_device
     from magihuman.pipeline.runner import ModelPaths, Request, run
 
     device = str(resolve_device(args.device))
-    request = Request(
-        args.prompt, args.seconds, args.width, args.height, args.mode, args.seed, args.steps,
-        args.negative or NEGATIVE_PROMPT, _sr_size(args.sr), args.image, args.audio, args.decoder,
-        args.compute, args.swap_layers,
-    )  # fmt: skip
-    check_request(request)  # the values first, before the models are even looked up
-    given = {
-        k: getattr(args, k) for k in ("dit", "sr_dit", "text_encoder", "audio_vae", "turbo_vae", "wan_vae")
-    }
-    if args.models_dir is not None and not args.models_dir.is_dir():
-        raise InputError(f"--models-dir {args.models_dir}: no such folder")
-    if args.models_dir is None and (given["dit"] is None or given["text_encoder"] is None):
-        raise InputError("give --models-dir (a ComfyUI models folder) or every model path")
-    sr_model = _sr_model(request.sr_size)
-    paths = ModelPaths.from_models_dir(args.models_dir or Path("."), args.mode, sr_model, **given)
-    for path in run(paths, request, args.out, device, _progress(), args.overwrite):
+    plan, device = _parallel_plan(args, device)
+    try:
+        request = Request(
+            args.prompt, args.seconds, args.width, args.height, args.mode, args.seed, args.steps,
+            args.negative or NEGATIVE_PROMPT, _sr_size(args.sr), args.image, args.audio, args.decoder,
+            args.compute, args.swap_layers, plan,
+        )  # fmt: skip
+        check_request(request)  # the values first, before the models are even looked up
+        given = {
+            k: getattr(args, k)
+            for k in ("dit", "sr_dit", "text_encoder", "audio_vae", "turbo_vae", "wan_vae")
+        }
+        if args.models_dir is not None and not args.models_dir.is_dir():
+            raise InputError(f"--models-dir {args.models_dir}: no such folder")
+        if args.models_dir is None and (given["dit"] is None or given["text_encoder"] is None):
+            raise InputError("give --models-dir (a ComfyUI models folder) or every model path")
+        sr_model = _sr_model(request.sr_size)
+        paths = ModelPaths.from_models_dir(args.models_dir or Path("."), args.mode, sr_model, **given)
+        written = run(paths, request, args.out, device, _progress(), args.overwrite)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    for path in written:
         print(f"wrote {path}")
     return 0
 

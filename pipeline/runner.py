@@ -4,7 +4,7 @@ when its stage comes and release it after, run the same stage functions as the n
 import gc
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from .codecs.turbo_vae import load_turbo_vae, turbo_files
 from .codecs.wan_vae import load_wan_vae
 from .dit.fusion import AUTO, fuse
 from .dit.loading import load_dit
+from .dit.parallel import ParallelPlan
 from .media.files import write_mp4, write_wav
 from .media.outputs import staged_outputs
 from .precision import vae_dtype
@@ -83,6 +84,7 @@ class Request:
     decoder: str = "turbo"  # turbo, wan or both
     compute: str = "auto"
     swap_layers: int = 0
+    parallel: ParallelPlan | None = None  # torchrun: every rank runs the DiT stages, rank 0 writes the files
 
 
 Progress = Callable[[str, int, int], None]
@@ -106,7 +108,8 @@ def run(
     """Generate one clip; returns the files written (``<output>.mp4``, ``<output>.wav``, and
     ``<output>_wan.mp4`` when both decoders are asked for; see :func:`~.media.outputs.clip_outputs`).
     Every input, path and output is checked before the first model loads; existing files are kept unless
-    ``overwrite``."""
+    ``overwrite``. With ``request.parallel`` every rank of the group calls this with the same request: they
+    sample together, and only rank 0 decodes and writes (the others return no files)."""
     checked = check_run(paths, request, output, overwrite)
     size = checked.size
     if request.decoder in ("wan", "both") or request.image is not None:
@@ -114,6 +117,10 @@ def run(
             raise CheckpointError(missing_file_message("wan_vae", []))
     if request.decoder in ("turbo", "both") and paths.turbo_vae is None:
         raise CheckpointError(missing_file_message("turbo_vae", []))
+
+    plan = request.parallel
+    lead = plan is None or plan.rank == 0
+    progress = progress if lead else None
 
     def hooks(stage: str) -> Hooks:
         return Hooks(on_step=lambda i, n, *_: progress(stage, i, n)) if progress else Hooks()
@@ -150,7 +157,7 @@ def run(
     base = BaseRequest(
         size=size, text=text, seed=request.seed, negative=negative, image_latent=image_latent,
         hooks=hooks(f"{request.mode} sampling"), device=device, mode=request.mode, steps=request.steps,
-        audio=sound,
+        audio=sound, parallel=plan,
     )  # fmt: skip
     latent = generate_base(dit, base).check_finite(f"{request.mode} sampling", str(paths.dit))
     _free(dit)
@@ -168,10 +175,13 @@ def run(
         sr = SRRequest(
             size=sr_size, text=text, seed=request.seed, image_latent=sr_image,
             hooks=hooks("super-resolution"), device=device,
+            parallel=None if plan is None else replace(plan, cfg=False),  # SR: the long sequence splits
         )  # fmt: skip
         latent = generate_sr(sr_dit, latent, sr).check_finite("super-resolution", str(paths.sr_dit))
         _free(sr_dit)
 
+    if not lead:
+        return []
     decoders = {"turbo": ["turbo"], "wan": ["wan"], "both": ["turbo", "wan"]}[request.decoder]
     with staged_outputs(checked.outputs, overwrite) as staged:  # all files of the clip appear together
         for name in decoders:

@@ -1,6 +1,7 @@
 """The command line on the tiny random stack: the demo's mp4 checked with PyAV, ``generate`` from a
 ComfyUI-style models folder (text, image and audio conditioning, super-resolution), argument errors."""
 
+import os
 import shlex
 import subprocess
 import sys
@@ -101,6 +102,33 @@ def test_bad_arguments_fail_with_a_clear_message(models, tmp_path, capsys, extra
     assert generate(models, tmp_path / "x", *extra) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_torchrun_with_two_cpu_processes_writes_the_single_process_clip_once(models, tmp_path):
+    """``torchrun --nproc-per-node 2 cli.py generate --device cpu``: gloo, sequence parallel, the same seed
+    on both ranks; rank 0 alone writes, and the sound equals one process's (one thread each, so only the
+    smaller GEMMs' summation order differs)."""
+    from magihuman.pipeline.dit.parallel import free_port
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+    run = subprocess.run(
+        [*torchrun, str(ROOT / "cli.py"), "generate", "--device", "cpu", "--models-dir", str(models),
+         "--prompt", "a woman says hello", "--out", str(tmp_path / "two"), "--seconds", "0.96",
+         "--width", "64", "--height", "64"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("wrote ") == 2  # rank 0's mp4 and wav, nothing from rank 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert generate(models, tmp_path / "one", "--device", "cpu") == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "one.wav", "two.mp4", "two.wav"]
+    two, one = (read_audio(tmp_path / f"{name}.wav")["waveform"] for name in ("two", "one"))
+    assert two.shape == one.shape and (two - one).abs().max() < 1e-3  # measured 1e-4 (16-bit steps)
 
 
 def test_missing_models_name_the_folder_and_the_download(tmp_path, capsys):

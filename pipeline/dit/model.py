@@ -17,6 +17,7 @@ from torch.nn.utils import skip_init
 from .attention import AttentionKernel, StreamAttention, sdpa_attention
 from .config import DiTConfig
 from .linear import Bf16Linear
+from .parallel import SequenceShard, Ulysses
 from .rope import FourierEmbed, apply_rope
 from .tokens import pack, stream_coords, unpack
 
@@ -222,11 +223,14 @@ class MagiDiT(nn.Module):
         return self.forward_many([(video, audio, text)])[0]
 
     def forward_many(
-        self, samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+        self,
+        samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        parallel: Ulysses | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Several samples (e.g. CFG cond and uncond, whose text lengths differ) as one packed stream: the
         linears see all tokens at once, attention stays within each sample. Equals separate ``forward``
-        calls."""
+        calls. ``parallel``: this rank's place in a sequence-parallel group (see ``parallel.py``; every
+        rank passes the same samples and gets the whole result); None runs the whole stream here."""
         c = self.config
         device = self.final_linear_video.weight.device
         stream, video, audio, text = pack(
@@ -236,8 +240,16 @@ class MagiDiT(nn.Module):
         rope = self.adapter.rope(stream_coords(stream, c.coords_style, device))  # 2 x [S, 3·Dh/8]
         x = self.adapter(video, audio, text)  # [S, D] fp32
         attend = StreamAttention(self.attention, stream, c.frame_receptive_field, device)
-        x = self.block(x, rope, stream.splits, attend)
-        nv, na, _ = stream.splits
+        splits, shard = stream.splits, None
+        if parallel is not None:  # this rank's rows s_r of the stream; attention sees whole samples
+            shard = SequenceShard(parallel, stream)
+            # A copy, so the whole stream's residual [S, D] is freed: each rank keeps only its rows.
+            x, rope, splits = shard.slice(x).clone(), tuple(shard.slice(r) for r in rope), shard.splits
+            attend = shard.attention(attend)
+        x = self.block(x, rope, splits, attend)
+        nv, na, _ = splits
         video_out = self.final_linear_video(self.final_norm_video(x[:nv]))  # [Σv, 4C]
         audio_out = self.final_linear_audio(self.final_norm_audio(x[nv : nv + na]))  # [Σa, 64]
+        if shard is not None:
+            video_out, audio_out = shard.gather(video_out, audio_out, stream.splits)
         return unpack(video_out, audio_out, stream)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..codecs.text_encoder import TextEmbedding
+from ..dit.parallel import ParallelPlan
 from .loops import NO_HOOKS, Guidance, Hooks
 from .scheduler import DEFAULT_SHIFT
 from .sizes import ClipSize
@@ -19,7 +20,8 @@ DEFAULT_STEPS = {"distill": 8, "base": 32, "sr": 5}
 class StageRequest:
     """What every stage takes. ``size``: the clip the stage makes (for SR, the target size); ``negative``:
     the negative prompt's embedding (base guidance, SR guidance); ``image_latent`` [1, 48, 1, h, w]: the
-    reference image encoded at ``size``; ``batch_cfg``: guidance branches in one batched call."""
+    reference image encoded at ``size``; ``batch_cfg``: guidance branches in one batched call; ``parallel``:
+    the process group that runs the DiT together (None: this process alone)."""
 
     size: ClipSize
     text: TextEmbedding
@@ -29,6 +31,7 @@ class StageRequest:
     hooks: Hooks = NO_HOOKS
     device: torch.device | str = "cpu"
     batch_cfg: bool = False
+    parallel: ParallelPlan | None = None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def generate_base(dit, request: BaseRequest) -> MagiLatent:
     user_audio = None if audio_latent is None else audio_latent.to(device)
     video, audio_start = initial_noise(request.size, generator, device, user_audio)
     options = loop_options(request, device, hold_audio=user_audio is not None)
+    dit = parallel_dit(dit, request)
     text = request.text.tokens().to(device)
     if request.mode == "distill":
         video, audio_out = sample_distilled(
@@ -62,7 +63,7 @@ def generate_sr(sr_dit, latent: MagiLatent, request: SRRequest) -> MagiLatent:
     generator = torch.Generator(device).manual_seed(request.seed)
     negative = None if request.negative is None else request.negative.tokens().to(device)
     video = sample_sr(
-        sr_dit,
+        parallel_dit(sr_dit, request),
         latent.video.to(device),
         latent.audio.to(device),
         (request.text.tokens().to(device), negative),
@@ -76,7 +77,15 @@ def generate_sr(sr_dit, latent: MagiLatent, request: SRRequest) -> MagiLatent:
 
 def loop_options(request: StageRequest, device: torch.device, hold_audio: bool = False) -> LoopOptions:
     image = None if request.image_latent is None else request.image_latent.to(device)
-    return LoopOptions(image, hold_audio, request.hooks, request.batch_cfg)
+    # CFG-parallel needs both branches in one call, which it then spreads over the ranks.
+    batch = request.batch_cfg or (request.parallel is not None and request.parallel.cfg)
+    return LoopOptions(image, hold_audio, request.hooks, batch)
+
+
+def parallel_dit(dit, request: StageRequest):
+    """The DiT run by ``request.parallel``'s group (every rank calls this with the same request), or the
+    DiT itself."""
+    return dit if request.parallel is None else request.parallel.wrap(dit)
 
 
 def decode(
