@@ -8,18 +8,19 @@ home with its own models, input and output folders, so the checkout is never wri
 """
 
 import json
+import os
 import shutil
 import time
 
 import av
 import pytest
-from comfyui_fixtures import COMFYUI_DIR
 from comfyui_server import PromptRejected
 from conftest import ROOT
 from hf_standin import TOKEN, repos
 from ui_to_api import to_api
 
 pytest_plugins = ["comfyui_fixtures"]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [
     pytest.mark.comfyui,
     pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (tests/COMFYUI.md)"),
