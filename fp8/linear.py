@@ -210,12 +210,32 @@ class Fp8Linear(nn.Module):
             return f"bias must have shape [{self.rows}], got {list(bias.shape)}"
         return None
 
+    def empty_weight(self, device: torch.device | str) -> torch.Tensor:
+        """The [E·N, K] view of a new, uninitialised padded weight buffer on ``device``, for the loader to
+        read the checkpoint tensor into: loading that view adopts the buffer, so the weight is not copied."""
+        storage_rows = self.rows + self.padded_out - self.out_features
+        buffer = torch.empty(storage_rows, self.padded_in, dtype=torch.uint8, device=device).view(FP8_DTYPE)
+        return buffer[: self.rows, : self.in_features]
+
     def _pad(self, weight: torch.Tensor) -> torch.Tensor:
-        extra_rows = self.padded_out - self.out_features
-        if extra_rows == 0 and self.padded_in == self.in_features:
+        rows, storage_rows = self.rows, self.rows + self.padded_out - self.out_features
+        if storage_rows == rows and self.padded_in == self.in_features:
             return weight.contiguous()  # nothing to pad: the loaded tensor itself (no copy with assign=True)
-        padded = _fp8_zeros(self.rows + extra_rows, self.padded_in, weight.device)
-        padded[: self.rows, : self.in_features] = weight
+        storage_bytes = storage_rows * self.padded_in
+        if (
+            weight.stride() == (self.padded_in, 1)
+            and weight.storage_offset() == 0
+            and weight.untyped_storage().nbytes() == storage_bytes
+        ):
+            padded = weight.as_strided((storage_rows, self.padded_in), (self.padded_in, 1))  # empty_weight's
+        else:
+            padded = torch.empty(storage_rows, self.padded_in, dtype=torch.uint8, device=weight.device)
+            padded = padded.view(FP8_DTYPE)
+            padded[:rows, : self.in_features] = weight
+        # Zero padding: K columns meet the activation's zero columns (a NaN byte there would poison the
+        # products); extra rows only make output columns that are cut off. Bytes: float8 fills may be missing.
+        padded[rows:].view(torch.uint8).zero_()
+        padded[:rows, self.in_features :].view(torch.uint8).zero_()
         return padded
 
     def _row_scales_for_scaled_mm(self) -> torch.Tensor | None:
