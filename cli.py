@@ -207,6 +207,12 @@ def _add_bench(subparsers) -> None:
         "~0.77 GB for the first and last)",
     )
     parser.add_argument(
+        "--full-size",
+        action="store_true",
+        help="load: the full 40-layer DiT in 7 shards like the published folder (~15.3 GB in a temporary "
+        "folder; on CPU the load needs ~15 GiB of RAM)",
+    )
+    parser.add_argument(
         "--convert-scale",
         type=float,
         default=1.0,
@@ -320,7 +326,7 @@ def _bench_load(args, device) -> int:
     from magihuman.benchmarks.dit_load import bench_dit_load
 
     with tempfile.TemporaryDirectory(prefix="magihuman-bench-") as workdir:
-        print(bench_dit_load(Path(workdir), device, args.layers))
+        print(bench_dit_load(Path(workdir), device, args.layers, args.full_size))
     return 0
 
 
