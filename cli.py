@@ -158,7 +158,9 @@ def _add_bench(subparsers) -> None:
         "bytes, and the loader's peak host memory, on a synthetic FP8 checkpoint in the published layout "
         "(real layer widths; all 40 layers on a GPU, 4 on CPU). gpu-check: the one GPU verification of "
         "GPU_REVIEW.md §4 (about 6 minutes on an H100/H200, random weights at real shapes): PASS/FAIL lines "
-        "and gpu_check.json in --out; --dry-run runs every section at tiny shapes on the CPU.",
+        "and gpu_check.json in --out; --dry-run runs every section at tiny shapes on the CPU. memory: "
+        "device-free predictions of the full models' device peaks (DiT load, forward per clip size, FP8 and "
+        "bf16, block swap) with fake tensors.",
     )
     parser.add_argument("target", choices=sorted(BENCH_TARGETS), help="what to measure")
     parser.add_argument(
@@ -342,12 +344,20 @@ def _bench_gpu_check(args, device) -> int:
     return 1 if any(c.status == ERROR for c in report.checks()) else 0
 
 
+def _bench_memory(args, device) -> int:
+    from magihuman.benchmarks.memory_model import bench_memory
+
+    print(bench_memory())
+    return 0
+
+
 BENCH_TARGETS = {
     "fp8": _bench_fp8,
     "dit": _bench_dit,
     "vae": _bench_vae,
     "load": _bench_load,
     "gpu-check": _bench_gpu_check,
+    "memory": _bench_memory,
 }
 
 

@@ -94,7 +94,7 @@ def write_fp8_checkpoint(
     """Write the published FP8 layout (block linears float8_e4m3fn with a scalar ``__fp8_scale``, everything
     else bf16); returns the largest shard's size in bytes. ``random_values=False`` writes constants instead
     (15 GB in seconds, for memory checks that do not look at the values). ``sparse``: only the scales are
-    written, the weights are holes (zeros, no disk space), for loads that never read them (the memory model)."""
+    written, the weights are holes (zeros, no disk space), for loads that never read them (memory model)."""
     layout = {}
     for key, shape in config.expected_shapes().items():
         if BLOCK_LINEAR.fullmatch(key):
