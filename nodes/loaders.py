@@ -74,8 +74,10 @@ class DiTLoader(io.ComfyNode):
                     default=0,
                     min=0,
                     max=40,
-                    tooltip="Keep this many of the 40 layers in system memory and stream them in for "
-                    "each step (for GPUs under 24 GB; ~15 layers fit a 16 GB card). Same result, slower.",
+                    tooltip="Keep this many of the last 40 layers in system memory and stream them in for "
+                    "each step. Same result, slower. Predicted device peaks (BENCHMARKS.md, bench memory): "
+                    "0 fits 256p and 540p SR on 24 GB; 1080p SR on 24 GB needs 8; a 16 GB card needs 12 "
+                    "for 540p SR.",
                 ),
                 io.Boolean.Input(
                     "fast_accum",

@@ -9,6 +9,7 @@ from magihuman.fp8 import linear as fp8_linear
 from magihuman.fp8.linear import Fp8Linear
 from magihuman.fp8.quantize import quantize
 from magihuman.pipeline.dit.config import PRESETS
+from magihuman.pipeline.media.frames import to_image
 
 
 def test_quantization_keeps_no_whole_activation_in_float32(monkeypatch):
@@ -34,3 +35,13 @@ def test_the_fake_forward_counts_what_a_real_forward_holds():
     resident, activations = measure_forward_cpu(config, "256p", frame_scale=0.125)
     assert predicted.resident == resident
     assert abs(predicted.activations - activations) <= 0.02 * activations
+
+
+def test_to_image_holds_one_float32_frame_beside_its_result():
+    video = torch.rand(1, 3, 9, 32, 48, dtype=torch.bfloat16) * 2 - 1
+    with LiveBytes(device="cpu") as counter:
+        image = to_image(video)
+    expected = video[0].float().mul(0.5).add(0.5).clamp(0, 1).permute(1, 2, 3, 0)
+    assert torch.equal(image, expected)
+    frame = 3 * 32 * 48 * 4
+    assert counter.peak <= image.nbytes + 2 * frame
