@@ -8,6 +8,7 @@ from magihuman.benchmarks.memory_model import measure_forward_cpu, predict_forwa
 from magihuman.fp8 import linear as fp8_linear
 from magihuman.fp8.linear import Fp8Linear
 from magihuman.fp8.quantize import quantize
+from magihuman.pipeline.codecs import turbo_vae
 from magihuman.pipeline.dit.config import PRESETS
 from magihuman.pipeline.media.frames import to_image
 
@@ -45,3 +46,18 @@ def test_to_image_holds_one_float32_frame_beside_its_result():
     assert torch.equal(image, expected)
     frame = 3 * 32 * 48 * 4
     assert counter.peak <= image.nbytes + 2 * frame
+
+
+def test_turbo_vae_norm_and_upsample_keep_values_without_whole_float32_copies(monkeypatch):
+    monkeypatch.setattr(turbo_vae, "CHUNK_ELEMENTS", 1 << 12)
+    x = torch.randn(1, 16, 6, 10, 12, dtype=torch.bfloat16)
+    expected = (x * torch.rsqrt(x.float().pow(2).mean(1, keepdim=True) + 1e-6)).to(x.dtype)
+    with LiveBytes(device="cpu") as counter:
+        y = turbo_vae.rms_channels(x, 1e-6)
+    assert torch.equal(y, expected)
+    # Output, the float32 variance [1, 1, 6, 10, 12] and float32 slices of 4K elements, not 2 x 46 KB copies.
+    assert counter.peak <= y.nbytes + 6 * 10 * 12 * 4 + 3 * 4 * (1 << 12)
+    frames = torch.randn(5, 16, 10, 12, dtype=torch.bfloat16)
+    up = turbo_vae.NearestUp2x()(frames)
+    reference = torch.nn.functional.interpolate(frames.float(), scale_factor=2.0, mode="nearest-exact")
+    assert up.dtype == torch.bfloat16 and torch.equal(up.float(), reference)
