@@ -11,6 +11,7 @@ from ..pipeline.codecs.audio_vae import load_audio_vae
 from ..pipeline.codecs.text_encoder import load_text_encoder
 from ..pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
 from ..pipeline.codecs.wan_vae import load_wan_vae
+from ..pipeline.dit.block_swap import BlockSwap
 from ..pipeline.dit.config import VARIANTS
 from ..pipeline.dit.fusion import MODES as COMPILE_MODES
 from ..pipeline.dit.fusion import fuse
@@ -106,21 +107,19 @@ class DiTLoader(io.ComfyNode):
         # The file first: a mistyped name is a missing file, not a DiT of unknown variant.
         path = resolve(model, "diffusion_models", "dit_distill" if variant == "auto" else f"dit_{variant}")
         variant = detect_variant(model) if variant == "auto" else variant
-        device = mm.get_torch_device()
-        mm.free_memory(sum(f.stat().st_size for f in _files(path)), device)
-        dit, report = load_dit(
-            path, variant, compute, device, attention, swap_layers=swap_layers, fast_accum=fast_accum
-        )
+        # Loaded to the offload device: ComfyUI brings the model to the GPU when a sampler asks for it
+        # (Managed.use), so nothing sits on the GPU unseen by its memory manager, which can then make room
+        # for the text encoder first on a first run. The swapped layers stay in (pinned) system memory.
+        device, offload = mm.get_torch_device(), mm.unet_offload_device()
+        dit, report = load_dit(path, variant, compute, offload, attention, fast_accum=fast_accum)
+        if swap_layers:
+            dit.block_swap = BlockSwap(dit, swap_layers, device, offload)
         fuse(dit, compile, device)
         managed = Managed(dit, dit.block_swap.resident(dit) if swap_layers else None)
         description = (
             f"{model} ({report.variant}, {report.convention}, {report.linear}, {report.seconds:.0f} s)"
         )
         return io.NodeOutput(LoadedDiT(managed, report.variant, description))
-
-
-def _files(path):
-    return [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]
 
 
 class VAELoader(io.ComfyNode):
