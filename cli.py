@@ -158,7 +158,9 @@ def _add_bench(subparsers) -> None:
         "bytes, and the loader's peak host memory, on a synthetic FP8 checkpoint in the published layout "
         "(real layer widths; all 40 layers on a GPU, 4 on CPU). gpu-check: the one GPU verification of "
         "GPU_REVIEW.md §4 (about 6 minutes on an H100/H200, random weights at real shapes): PASS/FAIL lines "
-        "and gpu_check.json in --out; --dry-run runs every section at tiny shapes on the CPU.",
+        "and gpu_check.json in --out; --dry-run runs every section at tiny shapes on the CPU. memory: "
+        "device-free predictions of the full models' device peaks (DiT load, forward per clip size, FP8 and "
+        "bf16, block swap) with fake tensors.",
     )
     parser.add_argument("target", choices=sorted(BENCH_TARGETS), help="what to measure")
     parser.add_argument(
@@ -205,6 +207,12 @@ def _add_bench(subparsers) -> None:
         metavar="N",
         help="load: DiT layers in the synthetic checkpoint (default: 40 on GPU, 4 on CPU; ~0.27 GB each, "
         "~0.77 GB for the first and last)",
+    )
+    parser.add_argument(
+        "--full-size",
+        action="store_true",
+        help="load: the full 40-layer DiT in 7 shards like the published folder (~15.3 GB in a temporary "
+        "folder; on CPU the load needs ~15 GiB of RAM)",
     )
     parser.add_argument(
         "--convert-scale",
@@ -320,7 +328,7 @@ def _bench_load(args, device) -> int:
     from magihuman.benchmarks.dit_load import bench_dit_load
 
     with tempfile.TemporaryDirectory(prefix="magihuman-bench-") as workdir:
-        print(bench_dit_load(Path(workdir), device, args.layers))
+        print(bench_dit_load(Path(workdir), device, args.layers, args.full_size))
     return 0
 
 
@@ -336,12 +344,20 @@ def _bench_gpu_check(args, device) -> int:
     return 1 if any(c.status == ERROR for c in report.checks()) else 0
 
 
+def _bench_memory(args, device) -> int:
+    from magihuman.benchmarks.memory_model import bench_memory
+
+    print(bench_memory())
+    return 0
+
+
 BENCH_TARGETS = {
     "fp8": _bench_fp8,
     "dit": _bench_dit,
     "vae": _bench_vae,
     "load": _bench_load,
     "gpu-check": _bench_gpu_check,
+    "memory": _bench_memory,
 }
 
 

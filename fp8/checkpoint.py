@@ -1,7 +1,8 @@
 """Safetensors checkpoints on disk: one file or a sharded folder with an index, validated and read lazily.
 
-Every tensor is read from a memory-mapped file on demand and converted straight to the caller's dtype and
-device, so no full-size copy of a checkpoint is ever held. Problems are reported as :class:`CheckpointError`
+Every tensor is read on demand straight into memory it owns, in the caller's dtype and on the caller's device
+(or into a buffer the caller provides), so no full-size copy of a checkpoint is ever held and nothing keeps a
+file's memory map alive after loading. Problems are reported as :class:`CheckpointError`
 naming the file and, where it applies, the key, what was expected and what was found.
 """
 
@@ -43,6 +44,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # of the data in the file, in bytes from the start
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -81,12 +83,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: '__metadata__' must map names to strings, found {metadata!r:.80}")
-    infos = {key: _tensor_info(path, key, entry) for key, entry in header.items()}
+    infos = {key: _tensor_info(path, key, entry, 8 + header_len) for key, entry in header.items()}
     _check_layout(path, header, 8 + header_len, size)
     return infos, metadata
 
 
-def _tensor_info(path: Path, key: str, entry) -> TensorInfo:
+def _tensor_info(path: Path, key: str, entry, data_start: int) -> TensorInfo:
     """One header entry, checked: a known dtype, a shape of non-negative ints, and byte offsets that span
     exactly dtype size x element count (what the safetensors reader would otherwise fail on, unnamed)."""
     where = f"{path}: tensor '{key}'"
@@ -110,7 +112,7 @@ def _tensor_info(path: Path, key: str, entry) -> TensorInfo:
             f"{where}: 'data_offsets' {offsets} span {end - begin} bytes, but {dtype} x {shape} needs "
             f"{expected}. The file is damaged: re-download it."
         )
-    return TensorInfo(key, path, DTYPES[dtype], tuple(shape), expected)
+    return TensorInfo(key, path, DTYPES[dtype], tuple(shape), expected, data_start + begin)
 
 
 def _count(value) -> bool:
@@ -156,6 +158,23 @@ def check_finite(tensor: torch.Tensor, stored: torch.Tensor, where: str) -> None
         f"{where}: its values overflow {tensor.dtype} (Inf after conversion from {stored.dtype}); load it in "
         "a wider dtype"
     )
+
+
+READ_CHUNK = 64 * 2**20
+
+
+def _read_exactly(info: TensorInfo, out: torch.Tensor) -> None:
+    """Fill the uint8 tensor ``out`` with the tensor's bytes by plain reads (one copy from the page cache; a
+    memory-mapped read would fault in every page twice: the map's and the destination's)."""
+    view = memoryview(out.numpy()).cast("B")
+    with info.file.open("rb", buffering=0) as f:
+        f.seek(info.offset)
+        done = 0
+        while done < len(view):
+            count = f.readinto(view[done : done + READ_CHUNK])
+            if not count:
+                raise CheckpointError(f"{info.file}: truncated while reading '{info.key}'")
+            done += count
 
 
 def find_index(folder: Path) -> Path | None:
@@ -272,18 +291,38 @@ class Checkpoint:
     def load(
         self, key: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        """Read one tensor from its memory-mapped file, converted straight to ``dtype`` on ``device``."""
+        """One tensor in memory of its own, converted straight to ``dtype`` on ``device`` (never a view of the
+        file's memory map, which would keep the whole mapping resident as long as the tensor lives)."""
+        info = self.info(key)
+        out = self.load_into(key, torch.empty(info.shape, dtype=dtype or info.dtype, device=device))
+        if out.device.type != "meta":  # meta tensors (the memory model) have no values to check
+            check_finite(out, self.mapped(key), f"{info.file}: '{key}'")
+        return out
+
+    def load_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Read one tensor into ``out`` (any device and dtype, possibly a strided view of a larger buffer,
+        e.g. a padded weight), with no intermediate copy where ``out`` is plain CPU memory of the stored
+        dtype; returns ``out``."""
+        info = self.info(key)
+        if tuple(out.shape) != info.shape:
+            raise CheckpointError(f"{info.file}: '{key}' is {list(info.shape)}, not {list(out.shape)}")
+        if out.device.type == "cpu" and out.dtype == info.dtype and out.is_contiguous() and info.nbytes:
+            _read_exactly(info, out.reshape(-1).view(torch.uint8))
+        elif info.nbytes:
+            out.copy_(self.mapped(key))
+        return out
+
+    def mapped(self, key: str) -> torch.Tensor:
+        """A view of one tensor in its file's memory map, in the stored dtype, for consumers that stream
+        through it and drop it (the converter): keeping it keeps the mapping's pages resident."""
         info = self.info(key)
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = safe_open(info.file, framework="pt")
-        stored = handle.get_tensor(key)
-        tensor = stored.to(device=device, dtype=dtype or stored.dtype)
-        check_finite(tensor, stored, f"{info.file}: '{key}'")
-        return tensor
+        return handle.get_tensor(key)
 
     def release(self, file: Path) -> None:
-        """Drop the memory map of one file (tensors already loaded from it stay valid)."""
+        """Drop the memory map of one file (tensors loaded from it own their memory and stay valid)."""
         self._handles.pop(file, None)
 
     def close(self) -> None:

@@ -198,7 +198,7 @@ def _write_file(
                 writer.write(key, scales[key])
                 continue
             info = checkpoint.info(key)
-            source = checkpoint.load(key)  # memory-mapped, in the stored dtype
+            source = checkpoint.mapped(key)  # memory-mapped, in the stored dtype
             if key in quantized:
                 scale = scales[quantized[key].scale_key]
                 fp8 = Fp8Weight(quantize_with_scale(source, scale), scale)
@@ -216,7 +216,7 @@ def _write_file(
 def _scale(checkpoint: Checkpoint, entry: _Quantized, options: ConvertOptions) -> torch.Tensor:
     info = checkpoint.info(entry.key)
     try:
-        amax = row_absmax(checkpoint.load(entry.key), entry.key)
+        amax = row_absmax(checkpoint.mapped(entry.key), entry.key)
     except QuantizationError as e:
         raise CheckpointError(f"{info.file}: {e}") from None
     finally:

@@ -144,9 +144,12 @@ class Fp8Reader:
         device: torch.device | str = "cpu",
         scales: Granularity = Granularity.TENSOR,
         num_experts: int = 1,
+        out: torch.Tensor | None = None,
     ) -> Fp8Weight:
         """An FP8 weight with its scale, on ``device``. Stored FP8 weights come as stored (``scales`` is then
-        ignored: their granularity is fixed); high-precision weights are quantized while loading."""
+        ignored: their granularity is fixed); high-precision weights are quantized while loading. ``out``: a
+        float8_e4m3fn tensor of the weight's shape (e.g. the unpadded view of a padded buffer) that receives
+        the data, so the weight is read straight into its final memory."""
         if key not in self._scales:
             info = self.info(key)
             if len(info.shape) < 2 or not info.dtype.is_floating_point:
@@ -154,11 +157,15 @@ class Fp8Reader:
                     f"{info.file}: '{key}' is {info.dtype} {list(info.shape)}, not a weight matrix"
                 )
             try:
-                return quantize(self.checkpoint.load(key, device), scales, num_experts, name=key)
+                source = self.checkpoint.mapped(key).to(device)  # on CPU: streamed from the map, not kept
+                return quantize(source, scales, num_experts, name=key, out=out)
             except QuantizationError as e:
                 raise FormatError(f"{info.file}: {e}") from None
         scale_key = self._scales[key]
-        data = self.checkpoint.load(key, device)
+        if out is None:
+            data = self.checkpoint.load(key, device)
+        else:
+            data = self.checkpoint.load_into(key, out)
         scale = canonical_scale(self.checkpoint.load(scale_key, dtype=torch.float32), data.shape[0])
         if not (torch.isfinite(scale).all() and (scale > 0).all()):
             file = self.checkpoint.info(scale_key).file

@@ -19,6 +19,8 @@ from .quantize import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Weight, Granularity
 
 # _scaled_mm needs K and N to be multiples of 16 (M is free). MagiHuman has N = 7208 and 27304, K = 13652.
 ALIGN = 16
+# Elements per chunk of the activation quantization (float32 temporaries of 64 MB).
+QUANT_ELEMENTS = 1 << 24
 
 
 def _round_up(n: int) -> int:
@@ -31,13 +33,19 @@ def _fp8_zeros(rows: int, cols: int, device: torch.device) -> torch.Tensor:
 
 
 def scale_to_fp8(x: torch.Tensor, x_scale: torch.Tensor, padded_in: int) -> torch.Tensor:
-    """x [tokens, K] / scale, clamped to ±448, cast to FP8 and zero-padded to [tokens, padded_in]."""
-    scaled = (x.to(torch.float32) / x_scale).clamp_(-FP8_MAX, FP8_MAX)  # [tokens, K]
-    if padded_in == x.shape[1]:
-        return scaled.to(FP8_DTYPE)
-    x8 = _fp8_zeros(x.shape[0], padded_in, x.device)
-    x8[:, : x.shape[1]] = scaled
-    return x8  # [tokens, K_padded]
+    """x [tokens, K] / scale, clamped to ±448, cast to FP8 and zero-padded to [tokens, padded_in].
+
+    In row chunks straight into the FP8 operand: float32 temporaries of QUANT_ELEMENTS, not of the whole
+    activation (at 1080p SR, [65.7k, 13652] would be 3.6 GB per float32 copy)."""
+    tokens, k = x.shape
+    x8 = torch.empty(tokens, padded_in, dtype=torch.uint8, device=x.device)  # [tokens, K_padded]
+    x8[:, k:].zero_()
+    x8 = x8.view(FP8_DTYPE)
+    step = max(1, QUANT_ELEMENTS // k)
+    for start in range(0, tokens, step):
+        chunk = x[start : start + step].to(torch.float32, copy=True).div_(x_scale).clamp_(-FP8_MAX, FP8_MAX)
+        x8[start : start + step, :k] = chunk  # the assignment casts to FP8
+    return x8
 
 
 def scale_to_fp8_fusible(x: torch.Tensor, x_scale: torch.Tensor, padded_in: int) -> torch.Tensor:
@@ -210,12 +218,32 @@ class Fp8Linear(nn.Module):
             return f"bias must have shape [{self.rows}], got {list(bias.shape)}"
         return None
 
+    def empty_weight(self, device: torch.device | str) -> torch.Tensor:
+        """The [E·N, K] view of a new, uninitialised padded weight buffer on ``device``, for the loader to
+        read the checkpoint tensor into: loading that view adopts the buffer, so the weight is not copied."""
+        storage_rows = self.rows + self.padded_out - self.out_features
+        buffer = torch.empty(storage_rows, self.padded_in, dtype=torch.uint8, device=device).view(FP8_DTYPE)
+        return buffer[: self.rows, : self.in_features]
+
     def _pad(self, weight: torch.Tensor) -> torch.Tensor:
-        extra_rows = self.padded_out - self.out_features
-        if extra_rows == 0 and self.padded_in == self.in_features:
+        rows, storage_rows = self.rows, self.rows + self.padded_out - self.out_features
+        if storage_rows == rows and self.padded_in == self.in_features:
             return weight.contiguous()  # nothing to pad: the loaded tensor itself (no copy with assign=True)
-        padded = _fp8_zeros(self.rows + extra_rows, self.padded_in, weight.device)
-        padded[: self.rows, : self.in_features] = weight
+        storage_bytes = storage_rows * self.padded_in
+        if (
+            weight.stride() == (self.padded_in, 1)
+            and weight.storage_offset() == 0
+            and weight.untyped_storage().nbytes() == storage_bytes
+        ):
+            padded = weight.as_strided((storage_rows, self.padded_in), (self.padded_in, 1))  # empty_weight's
+        else:
+            padded = torch.empty(storage_rows, self.padded_in, dtype=torch.uint8, device=weight.device)
+            padded = padded.view(FP8_DTYPE)
+            padded[:rows, : self.in_features] = weight
+        # Zero padding: K columns meet the activation's zero columns (a NaN byte there would poison the
+        # products); extra rows only make output columns that are cut off. Bytes: float8 fills may be missing.
+        padded[rows:].view(torch.uint8).zero_()
+        padded[:rows, self.in_features :].view(torch.uint8).zero_()
         return padded
 
     def _row_scales_for_scaled_mm(self) -> torch.Tensor | None:
@@ -246,14 +274,18 @@ class Fp8Linear(nn.Module):
         if len(splits) != self.num_experts:
             raise ValueError(f"Fp8Linear with {self.num_experts} experts got {len(splits)} splits {splits}")
         matmul = self._fp8_matmul if self.path == FP8_MATMUL else self._dequantized_matmul
-        outputs, start = [], 0
+        if len(splits) == 1 or sum(1 for count in splits if count) == 1:
+            expert = next((e for e, count in enumerate(splits) if count), 0)
+            if not x.shape[0]:  # amax of an empty tensor would raise
+                return x.new_empty((0, self.out_features), dtype=torch.bfloat16)
+            return matmul(x, expert)  # [S, N], row-strided where N was padded: no copy of the output
+        y = x.new_empty((x.shape[0], self.out_features), dtype=torch.bfloat16)  # [S, N]
+        start = 0
         for expert, count in enumerate(splits):
             if count:  # an expert may get no tokens (and amax of an empty tensor would raise)
-                outputs.append(matmul(x[start : start + count], expert))
+                y[start : start + count] = matmul(x[start : start + count], expert)
             start += count
-        if not outputs:
-            return x.new_empty((0, self.out_features), dtype=torch.bfloat16)
-        return outputs[0].contiguous() if len(outputs) == 1 else torch.cat(outputs)  # [S, N]
+        return y
 
     def _bias(self, expert: int) -> torch.Tensor | None:
         if self.bias is None:

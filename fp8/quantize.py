@@ -161,10 +161,13 @@ def scale_from_absmax(amax: torch.Tensor, granularity: Granularity, num_experts:
     return amax.clamp(min=MIN_AMAX) / FP8_MAX
 
 
-def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``clamp(W / scale, ±448)`` cast to float8_e4m3fn, chunk by chunk; [rows, K] on the weight's device."""
+def quantize_with_scale(
+    weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``clamp(W / scale, ±448)`` cast to float8_e4m3fn, chunk by chunk; [rows, K] on the weight's device, or
+    written into ``out`` (an FP8 tensor of the weight's shape, e.g. a view of a padded buffer)."""
     per_row = row_scales(scale, weight.shape)  # [rows, 1]
-    data = torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device)
+    data = torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device) if out is None else out
     for start, end in _row_chunks(weight.shape[0], math.prod(weight.shape[1:])):
         scaled = weight[start:end].to(torch.float32, copy=True).div_(_rows(per_row, start, end))
         data[start:end] = scaled.clamp_(-FP8_MAX, FP8_MAX)  # the assignment casts to FP8
@@ -176,15 +179,16 @@ def quantize(
     granularity: Granularity = Granularity.TENSOR,
     num_experts: int = 1,
     name: str = "weight",
+    out: torch.Tensor | None = None,
 ) -> Fp8Weight:
     """Quantize a high-precision [rows, K] weight (more dims are fine: rows are the first dim);
-    ``num_experts`` only matters for per-expert scales."""
+    ``num_experts`` only matters for per-expert scales; ``out`` receives the FP8 data when given."""
     if weight.ndim < 2 or not weight.is_floating_point():
         raise QuantizationError(
             f"'{name}': expected a floating weight of 2 or more dims, got {weight.dtype} {list(weight.shape)}"
         )
     scale = scale_from_absmax(row_absmax(weight, name), granularity, num_experts)
-    return Fp8Weight(quantize_with_scale(weight, scale), scale)
+    return Fp8Weight(quantize_with_scale(weight, scale, out), scale)
 
 
 def mean_relative_error(weight: torch.Tensor, fp8: Fp8Weight) -> float:

@@ -63,12 +63,22 @@ class SafetensorsWriter:
         self._file.write(data.numpy().data)
         self._written += 1
 
+    def skip(self, key: str) -> None:
+        """Leave the next tensor's bytes unwritten (a hole that reads as zeros, using no disk space): for
+        files whose data are never read, such as the memory model's full-size checkpoint."""
+        if key != self.order[self._written]:
+            raise ValueError(f"{self.path.name}: expected '{self.order[self._written]}' next, got '{key}'")
+        dtype, shape = self.layout[key]
+        self._file.seek(math.prod(shape) * dtype.itemsize, 1)
+        self._written += 1
+
     def close(self) -> None:
         if self._written != len(self.order):
             self.abort()
             raise ValueError(
                 f"{self.path.name}: {len(self.order) - self._written} planned tensors were not written"
             )
+        self._file.truncate()  # the end of the data, if the last tensors were skipped
         self._file.close()
         self._partial.replace(self.path)
 

@@ -11,6 +11,7 @@ from ..pipeline.codecs.audio_vae import load_audio_vae
 from ..pipeline.codecs.text_encoder import load_text_encoder
 from ..pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
 from ..pipeline.codecs.wan_vae import load_wan_vae
+from ..pipeline.dit.block_swap import BlockSwap
 from ..pipeline.dit.config import VARIANTS
 from ..pipeline.dit.fusion import MODES as COMPILE_MODES
 from ..pipeline.dit.fusion import fuse
@@ -74,8 +75,10 @@ class DiTLoader(io.ComfyNode):
                     default=0,
                     min=0,
                     max=40,
-                    tooltip="Keep this many of the 40 layers in system memory and stream them in for "
-                    "each step (for GPUs under 24 GB; ~15 layers fit a 16 GB card). Same result, slower.",
+                    tooltip="Keep this many of the last 40 layers in system memory and stream them in for "
+                    "each step. Same result, slower. Predicted device peaks (BENCHMARKS.md, bench memory): "
+                    "0 fits 256p and 540p SR on 24 GB; 1080p SR on 24 GB needs 8; a 16 GB card needs 12 "
+                    "for 540p SR.",
                 ),
                 io.Boolean.Input(
                     "fast_accum",
@@ -104,21 +107,19 @@ class DiTLoader(io.ComfyNode):
         # The file first: a mistyped name is a missing file, not a DiT of unknown variant.
         path = resolve(model, "diffusion_models", "dit_distill" if variant == "auto" else f"dit_{variant}")
         variant = detect_variant(model) if variant == "auto" else variant
-        device = mm.get_torch_device()
-        mm.free_memory(sum(f.stat().st_size for f in _files(path)), device)
-        dit, report = load_dit(
-            path, variant, compute, device, attention, swap_layers=swap_layers, fast_accum=fast_accum
-        )
+        # Loaded to the offload device: ComfyUI brings the model to the GPU when a sampler asks for it
+        # (Managed.use), so nothing sits on the GPU unseen by its memory manager, which can then make room
+        # for the text encoder first on a first run. The swapped layers stay in (pinned) system memory.
+        device, offload = mm.get_torch_device(), mm.unet_offload_device()
+        dit, report = load_dit(path, variant, compute, offload, attention, fast_accum=fast_accum)
+        if swap_layers:
+            dit.block_swap = BlockSwap(dit, swap_layers, device, offload)
         fuse(dit, compile, device)
         managed = Managed(dit, dit.block_swap.resident(dit) if swap_layers else None)
         description = (
             f"{model} ({report.variant}, {report.convention}, {report.linear}, {report.seconds:.0f} s)"
         )
         return io.NodeOutput(LoadedDiT(managed, report.variant, description))
-
-
-def _files(path):
-    return [path] if path.is_file() else [f for f in path.iterdir() if f.is_file()]
 
 
 class VAELoader(io.ComfyNode):

@@ -35,7 +35,8 @@ def test_outputs_do_not_change(sample, path, compute, count):
             assert torch.equal(tensor, stored[name])
     owners = [entry[:2] for entry in swap.stored[-1]]
     assert all(
-        getattr(owner, name) is entry[3] for (owner, name), entry in zip(owners, swap.stored[-1], strict=True)
+        getattr(owner, name).data_ptr() == entry[3].data_ptr()
+        for (owner, name), entry in zip(owners, swap.stored[-1], strict=True)
     )
     assert not swap.ready  # no copy is left behind
     swap.remove()
@@ -78,3 +79,12 @@ def test_gpu_swap_matches_resident_model(sample):
     for a, b in zip(resident(*inputs), swapped(*inputs), strict=True):
         assert torch.equal(a, b)
     assert swapped.block.layers[5].mlp.down_proj.weight_padded.device.type == "cpu"
+
+
+def test_each_swapped_layer_lives_in_one_buffer():
+    model, _ = load_dit(FIXTURES / "dit_tiny_fp8" / "checkpoint", "base", compute="dequantize")
+    swap = BlockSwap(model, 2, device="cpu")
+    for layer, buffer in zip(swap.layers, swap.buffers, strict=True):
+        tensors = [*layer.parameters(), *layer.buffers()]
+        assert {t.untyped_storage().data_ptr() for t in tensors} == {buffer.untyped_storage().data_ptr()}
+        assert buffer.nbytes <= sum(t.nbytes for t in tensors) + 64 * len(tensors)

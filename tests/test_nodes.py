@@ -247,3 +247,15 @@ def test_sr_width_and_height_show_only_for_a_custom_target(comfy, monkeypatch):
     assert ids[3:6] == ["target", "width", "height"]
     assert module._target_size({"target": "540p", "width": 64, "height": 64}) == ("540p", (896, 512))
     assert module._target_size({"target": "custom", "width": 64, "height": 96}) == ("custom", (64, 96))
+
+
+def test_the_dit_loads_to_the_offload_device_and_comfyui_brings_it_in(comfy, stack, monkeypatch):
+    monkeypatch.setattr(comfy.mm, "get_torch_device", lambda: torch.device("meta"))  # a GPU stand-in
+    comfy.mm.calls.clear()
+    (dit,) = run(comfy, "DiTLoader", model="distill_fp8/", variant="distill", compute="auto",
+                 attention="sdpa", swap_layers=2)  # fmt: skip
+    assert {t.device.type for t in dit.managed.model.state_dict().values()} == {"cpu"}
+    assert not comfy.mm.calls  # nothing went to the GPU behind ComfyUI's back
+    assert dit.managed.patcher.load_device == torch.device("meta")
+    swap = dit.managed.model.block_swap
+    assert swap.device == torch.device("meta") and len(swap.layers) == 2

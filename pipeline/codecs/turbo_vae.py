@@ -15,11 +15,24 @@ from ..weights.torch_files import assign_weights, load_torch_file
 from .pointwise_conv import pointwise_conv3d
 from .wan_stats import denormalize
 
+# Elements per chunk of the float32 temporaries of rms_channels and per call of the nearest upsample: a 1080p
+# window's [1, 128, 36, 544, 960] activation is 2.4e9 elements, whose float32 copies would be 9.6 GB each, and
+# CUDA's nearest upsample was silently wrong above 2**31 output elements before pytorch#141923.
+CHUNK_ELEMENTS = 1 << 26
+
 
 def rms_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS-normalise over channels (dim 1) with a float32 variance; no affine weight; dtype kept."""
-    variance = x.float().pow(2).mean(1, keepdim=True)
-    return (x * torch.rsqrt(variance + eps)).to(x.dtype)
+    """RMS-normalise over channels (dim 1) with a float32 variance; no affine weight; dtype kept. The variance
+    is computed in slices along dim 2 and the product is computed in float32 and stored in x's dtype, so no
+    float32 copy of the whole activation is made (same values as ``(x * rsqrt(mean(x.float()²))).to(x.dtype)``
+    with eps inside the root)."""
+    variance = torch.empty((x.shape[0], 1, *x.shape[2:]), dtype=torch.float32, device=x.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, x[:, :, :1].numel()))
+    for start in range(0, x.shape[2], step):
+        variance[:, :, start : start + step] = (
+            x[:, :, start : start + step].float().pow(2).mean(1, keepdim=True)
+        )
+    return torch.mul(x, variance.add_(eps).rsqrt_(), out=torch.empty_like(x))
 
 
 class Conv3d(nn.Module):
@@ -64,10 +77,18 @@ class ResBlock(nn.Module):
 
 
 class NearestUp2x(nn.Module):
-    """2x nearest-exact spatial upsampling of [N, C, H, W], computed in float32."""
+    """2x nearest-exact spatial upsampling of [N, C, H, W] in x's dtype (nearest copies values: the same
+    result as in float32), in batches of frames of at most CHUNK_ELEMENTS output elements each."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
+        n, c, h, w = x.shape
+        out = x.new_empty(n, c, 2 * h, 2 * w)  # [N, C, 2H, 2W]
+        step = max(1, CHUNK_ELEMENTS // max(1, 4 * c * h * w))
+        for start in range(0, n, step):
+            out[start : start + step] = F.interpolate(
+                x[start : start + step], scale_factor=2.0, mode="nearest-exact"
+            )
+        return out
 
 
 class Upsample(nn.Module):

@@ -2,6 +2,8 @@
 before it runs, the next one copying on a side stream while the current one computes. For GPUs that cannot
 hold the whole 14.3 GiB FP8 DiT next to its activations; results are identical, only slower."""
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -26,6 +28,34 @@ def _set(owner: nn.Module, name: str, is_parameter: bool, tensor: torch.Tensor) 
         owner._buffers[name] = tensor
 
 
+ALIGN_BYTES = 64
+
+
+def _flat_copy(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One uint8 buffer on ``device`` holding copies of ``tensors`` (each at a 64-byte aligned offset), and
+    the views of it in the tensors' dtypes and shapes."""
+    offsets, total = [], 0
+    for tensor in tensors:
+        offsets.append(total)
+        total += -(-tensor.nbytes // ALIGN_BYTES) * ALIGN_BYTES
+    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    views = []
+    for tensor, offset in zip(tensors, offsets, strict=True):
+        view = flat[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        views.append(view.copy_(tensor))
+    return flat, views
+
+
+def _pin(flat: torch.Tensor) -> None:
+    """Page-lock a layer's buffer for asynchronous copies. cudaHostRegister pins exactly its bytes; torch's
+    pin_memory() rounds every allocation up to a power of two (a 273 MB layer would pin 512 MB)."""
+    cudart = torch.cuda.cudart()
+    status = cudart.cudaHostRegister(flat.data_ptr(), flat.nbytes, 0)
+    if int(getattr(status, "value", status)) != 0:
+        raise RuntimeError(f"block swap: cudaHostRegister of {flat.nbytes} bytes failed ({status})")
+    weakref.finalize(flat, cudart.cudaHostUnregister, flat.data_ptr())
+
+
 class BlockSwap:
     """Swap the last ``count`` transformer layers of ``model`` (a MagiDiT) between ``offload_device`` and
     ``device``. Built after loading; ``remove()`` restores plain modules (with the weights offloaded)."""
@@ -38,19 +68,24 @@ class BlockSwap:
         self.layers = list(layers)[len(layers) - count :]
         pin = self.device.type == "cuda" and self.offload_device.type == "cpu"
         self.stored = []  # per swapped layer: [(owner, name, is_parameter, offloaded tensor)]
+        self.buffers = []  # per swapped layer: one flat buffer that all its offloaded tensors view
         for layer in self.layers:
-            entries = []
-            for owner, name, is_parameter in _tensors(layer):
-                tensor = getattr(owner, name).to(self.offload_device)
-                tensor = tensor.pin_memory() if pin else tensor
-                _set(owner, name, is_parameter, tensor)
-                entries.append((owner, name, is_parameter, tensor))
-            self.stored.append(entries)
+            entries = list(_tensors(layer))
+            flat, views = _flat_copy(
+                [getattr(owner, name) for owner, name, _ in entries], self.offload_device
+            )
+            if pin:
+                _pin(flat)
+            self.buffers.append(flat)
+            self.stored.append([(*entry, view) for entry, view in zip(entries, views, strict=True)])
+            for (owner, name, is_parameter), view in zip(entries, views, strict=True):
+                _set(owner, name, is_parameter, view)
             for module in layer.modules():
                 if isinstance(module, Fp8Linear):
                     module.compute_on(self.device)  # its matmul path is the compute device's, not the CPU's
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.ready: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        self.finished: dict[int, torch.cuda.Event] = {}  # compute-stream events after each swapped layer
         self.hooks = []
         for index, layer in enumerate(self.layers):
             self.hooks.append(layer.register_forward_pre_hook(lambda m, a, i=index: self._bring(i)))
@@ -67,6 +102,12 @@ class BlockSwap:
             copies = [tensor.to(self.device, copy=True) for *_, tensor in self.stored[index]]
             self.ready[index] = (copies, None)
             return
+        # Bounded run-ahead: the copies of layer i need the memory of layer i-2's copies, which the allocator
+        # hands back only once the compute stream has finished layer i-2. Waiting for that on the host keeps
+        # at most two swapped layers on the device instead of letting the host queue prefetches without end.
+        done = self.finished.pop(index - 2, None)
+        if done is not None:
+            done.synchronize()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             copies = [tensor.to(self.device, non_blocking=True) for *_, tensor in self.stored[index]]
@@ -88,6 +129,10 @@ class BlockSwap:
     def _release(self, index: int) -> None:
         for owner, name, is_parameter, tensor in self.stored[index]:
             _set(owner, name, is_parameter, tensor)
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.finished[index] = event
 
     def resident(self, model: nn.Module) -> nn.ModuleList:
         """The parts of ``model`` outside the swapped layers, for a host that moves models between devices
@@ -108,3 +153,4 @@ class BlockSwap:
             hook.remove()
         self.hooks.clear()
         self.ready.clear()
+        self.finished.clear()

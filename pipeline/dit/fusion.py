@@ -17,7 +17,7 @@ import shutil
 
 import torch
 
-from ...fp8.capability import FP8_MATMUL
+from ...fp8.capability import FP8_MATMUL, choose_path
 from ...fp8.linear import Fp8Linear, scale_to_fp8_fusible
 from .model import MLP, Attention, ModalityRMSNorm
 
@@ -105,7 +105,8 @@ def fuse(model: torch.nn.Module, mode: str, device: torch.device | str) -> list[
             swaps = {"norm_rope": module.norm_rope, "gate": module.gate}
         elif isinstance(module, MLP):
             swaps = {"activation": module.activation}
-        elif isinstance(module, Fp8Linear) and module.path == FP8_MATMUL and casts:
+        elif isinstance(module, Fp8Linear) and casts and choose_path(module.mode, device) == FP8_MATMUL:
+            # by the compute device's path: a model loaded to the offload device resolves it when moved
             swaps = {"scale_input": scale_to_fp8_fusible}
         for attribute, fn in swaps.items():
             fn = getattr(fn, "eager", fn)  # already fused: keep one twin

@@ -1,6 +1,9 @@
 """Loading a MagiHuman DiT from any published layout: a sharded folder or one file, FP8 in any convention the
-FP8 reader knows, or the BF16/FP32 originals. The model is built on the meta device and every tensor streams
-from its memory-mapped file straight to its final dtype and device; one strict ``load_state_dict`` ends it.
+FP8 reader knows, or the BF16/FP32 originals. The model is built on the meta device and every tensor is read
+from its file straight into the buffer it lives in, on its final device and in its final dtype (FP8 block
+weights into their padded ``_scaled_mm`` buffers); one strict ``load_state_dict(assign=True)`` adopts them.
+Nothing holds a second copy: the device peak is the model plus one tensor in flight, and CPU-resident tensors
+own their memory (no view keeps a shard's memory map alive).
 """
 
 import functools
@@ -109,7 +112,7 @@ def load_dit(
         compute = DEQUANTIZE  # the file asks for its FP8 weights to be multiplied in high precision
     linear_cls, granularity = _linear_class(compute, stored_fp8, quantize_scales, fast_accum)
     model = MagiDiT(config, linear_cls=linear_cls, attention=make_attention(attention), device="meta")
-    expected = model.state_dict(keep_vars=True)
+    dtypes = {key: tensor.dtype for key, tensor in model.state_dict(keep_vars=True).items()}
 
     swapped = {f"block.layers.{i}." for i in range(config.num_layers - swap_layers, config.num_layers)}
     state, bytes_read = {}, 0
@@ -119,11 +122,13 @@ def load_dit(
             target = "cpu" if swap_layers and key.startswith(tuple(swapped)) else device
             if BLOCK_LINEAR.fullmatch(key) and granularity is not None:
                 experts = config.num_experts(int(key.split(".")[2]))
-                weight = reader.load_fp8(key, target, granularity, num_experts=experts)
+                module = model.get_submodule(key.removesuffix(".weight"))
+                out = module.empty_weight(target)  # [E·N, K] view of the padded buffer: adopted, not copied
+                weight = reader.load_fp8(key, target, granularity, num_experts=experts, out=out)
                 state.update(weight.state_dict(key.removesuffix("weight")))
             else:
-                state[key] = reader.load(key, target, expected[key].dtype)
-        checkpoint.release(file)  # tensors already on the target device no longer need this file's pages
+                state[key] = reader.load(key, target, dtypes[key])
+        checkpoint.release(file)  # every tensor read from this file owns its memory
     model.load_state_dict(state, strict=True, assign=True)
     if swap_layers:
         model.block_swap = BlockSwap(model, swap_layers, device)

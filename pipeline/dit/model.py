@@ -130,10 +130,16 @@ class MLP(nn.Module):
         """x [S, D] fp32 -> MLP output [S, D] bf16."""
         splits = splits if self.per_modality else None
         u = self.up_gate_proj(self.pre_norm(x, splits, torch.bfloat16), splits)  # [S, up] bf16
+        a = self._activate(u)  # [S, I] bf16
+        del u  # dead before down_proj runs: its memory serves down_proj's transients
+        return self.down_proj(a, splits)
+
+    def _activate(self, u: torch.Tensor) -> torch.Tensor:
+        """[S, up] bf16 -> [S, I] bf16 in row chunks (bounded float32 temporaries)."""
         a = u.new_empty(u.shape[0], self.intermediate)  # [S, I] bf16
         for rows, out in zip(u.split(ACTIVATION_ROWS), a.split(ACTIVATION_ROWS), strict=True):
             out.copy_(self.activation(rows))
-        return self.down_proj(a, splits)
+        return a
 
 
 class TransformerLayer(nn.Module):

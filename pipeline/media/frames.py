@@ -10,8 +10,16 @@ MIN_IMAGE_SIDE = 16  # smaller reference pictures carry no usable face and break
 
 
 def to_image(video: torch.Tensor) -> torch.Tensor:
-    """Decoder output [1, 3, T, H, W] in [−1, 1] -> ComfyUI IMAGE [T, H, W, 3] float32 in [0, 1]."""
-    return video[0].float().mul(0.5).add(0.5).clamp(0, 1).permute(1, 2, 3, 0).contiguous()
+    """Decoder output [1, 3, T, H, W] in [−1, 1] -> ComfyUI IMAGE [T, H, W, 3] float32 in [0, 1], on the CPU.
+
+    Frame by frame into the CPU result: the device holds one float32 frame at a time, not a chain of
+    whole-clip float32 copies (3.1 GB each for a 1080p 5 s clip)."""
+    _, _, frames, height, width = video.shape
+    image = torch.empty(frames, height, width, 3, dtype=torch.float32)  # [T, H, W, 3]
+    for t in range(frames):
+        frame = video[0, :, t].float().mul_(0.5).add_(0.5).clamp_(0, 1)  # [3, H, W]
+        image[t] = frame.permute(1, 2, 0)
+    return image
 
 
 def to_uint8(video: torch.Tensor) -> torch.Tensor:

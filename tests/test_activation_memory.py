@@ -1,0 +1,63 @@
+"""Activation memory of the FP8 linear's fp8-matmul path (counted with the live-storage counter on CPU, whose
+torch build has a _scaled_mm): chunked quantization, no copy of the padded output; and the device-free
+memory model agrees with the same forward counted on real tensors."""
+
+import torch
+from magihuman.benchmarks.live_bytes import LiveBytes
+from magihuman.benchmarks.memory_model import measure_forward_cpu, predict_forward
+from magihuman.fp8 import linear as fp8_linear
+from magihuman.fp8.linear import Fp8Linear
+from magihuman.fp8.quantize import quantize
+from magihuman.pipeline.codecs import turbo_vae
+from magihuman.pipeline.dit.config import PRESETS
+from magihuman.pipeline.media.frames import to_image
+
+
+def test_quantization_keeps_no_whole_activation_in_float32(monkeypatch):
+    tokens, k, n = 2000, 1000, 200  # K pads to 1008, N to 208 (like down_proj and linear_qkv)
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
+    layer = Fp8Linear.from_fp8(quantize(weight), mode="fp8-matmul")
+    x = torch.randn(tokens, k, dtype=torch.bfloat16)
+    reference = layer(x).float()  # quantized in one chunk
+    monkeypatch.setattr(fp8_linear, "QUANT_ELEMENTS", 1 << 16)
+    with LiveBytes(device="cpu") as counter:
+        y = layer(x)
+    output, operand = tokens * 208 * 2, tokens * 1008
+    # Before: two float32 copies of x (8 MB each) and a copy of the output. Now: the FP8 operand, the padded
+    # output and float32 chunks of 64K elements (256 KB), plus the scale.
+    assert counter.peak <= output + operand + 4 * (1 << 16) + 4096
+    assert y.stride() == (208, 1) and y.shape == (tokens, n)  # the padded output's view, not a copy
+    assert torch.equal(y.float(), reference)
+
+
+def test_the_fake_forward_counts_what_a_real_forward_holds():
+    config = PRESETS["tiny"]
+    predicted = predict_forward(config, "fp8", "256p", frame_scale=0.125)
+    resident, activations = measure_forward_cpu(config, "256p", frame_scale=0.125)
+    assert predicted.resident == resident
+    assert abs(predicted.activations - activations) <= 0.02 * activations
+
+
+def test_to_image_holds_one_float32_frame_beside_its_result():
+    video = torch.rand(1, 3, 9, 32, 48, dtype=torch.bfloat16) * 2 - 1
+    with LiveBytes(device="cpu") as counter:
+        image = to_image(video)
+    expected = video[0].float().mul(0.5).add(0.5).clamp(0, 1).permute(1, 2, 3, 0)
+    assert torch.equal(image, expected)
+    frame = 3 * 32 * 48 * 4
+    assert counter.peak <= image.nbytes + 2 * frame
+
+
+def test_turbo_vae_norm_and_upsample_keep_values_without_whole_float32_copies(monkeypatch):
+    monkeypatch.setattr(turbo_vae, "CHUNK_ELEMENTS", 1 << 12)
+    x = torch.randn(1, 16, 6, 10, 12, dtype=torch.bfloat16)
+    expected = (x * torch.rsqrt(x.float().pow(2).mean(1, keepdim=True) + 1e-6)).to(x.dtype)
+    with LiveBytes(device="cpu") as counter:
+        y = turbo_vae.rms_channels(x, 1e-6)
+    assert torch.equal(y, expected)
+    # Output, the float32 variance [1, 1, 6, 10, 12] and float32 slices of 4K elements, not 2 x 46 KB copies.
+    assert counter.peak <= y.nbytes + 6 * 10 * 12 * 4 + 3 * 4 * (1 << 12)
+    frames = torch.randn(5, 16, 10, 12, dtype=torch.bfloat16)
+    up = turbo_vae.NearestUp2x()(frames)
+    reference = torch.nn.functional.interpolate(frames.float(), scale_factor=2.0, mode="nearest-exact")
+    assert up.dtype == torch.bfloat16 and torch.equal(up.float(), reference)
