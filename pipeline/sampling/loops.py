@@ -39,11 +39,13 @@ class Guidance:
 class Hooks:
     """Callbacks of a sampling run. ``on_step(step, total, x0_video, x0_audio)`` after each step (1-based)
     with the current clean estimates; ``check_cancel()`` before every model call, raising to stop (its
-    exception is never caught here); ``on_stage(name, seconds)`` when a stage ends."""
+    exception is never caught here); ``on_stage(name, seconds)`` when a stage ends; ``on_window(index,
+    count)`` (1-based) when a window of a long clip starts."""
 
     on_step: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None
     check_cancel: Callable[[], None] | None = None
     on_stage: Callable[[str, float], None] | None = None
+    on_window: Callable[[int, int], None] | None = None
 
 
 NO_HOOKS = Hooks()
@@ -51,14 +53,24 @@ NO_HOOKS = Hooks()
 
 @dataclass(frozen=True)
 class LoopOptions:
-    """What a sampling loop holds fixed and whom it reports to. ``image_latent`` [1, 48, ≥1, h, w]: its first
-    frame is kept as the clean first latent frame (reference image); ``hold_audio`` keeps the audio input as
-    given (driving audio); ``batch_cfg`` runs the guidance branches in one batched call when the model can."""
+    """What a sampling loop holds fixed and whom it reports to. ``image_latent`` [1, 48, k, h, w]: kept as the
+    clean first k latent frames (k = 1: the reference image; k ≥ 1: the last frames of the previous window of
+    a long clip); ``hold_audio`` keeps the audio input as given (driving audio); ``audio_prefix`` [1, m, 64]:
+    kept as the clean first m audio latents (the previous window's sound over the overlap); ``batch_cfg``
+    runs the guidance branches in one batched call when the model can."""
 
     image_latent: torch.Tensor | None = None
     hold_audio: bool = False
     hooks: Hooks = NO_HOOKS
     batch_cfg: bool = False
+    audio_prefix: torch.Tensor | None = None
+
+    def hold(self, video: torch.Tensor, audio: torch.Tensor) -> None:
+        """Write the held clean frames into the current latents, in place."""
+        if self.image_latent is not None:
+            video[:, :, : self.image_latent.shape[2]] = self.image_latent
+        if self.audio_prefix is not None:
+            audio[:, : self.audio_prefix.shape[1]] = self.audio_prefix
 
 
 NO_OPTIONS = LoopOptions()
@@ -104,12 +116,11 @@ def denoise(
     """The loop every stage shares. ``solvers`` = (video solver, audio solver or None to hold the audio fixed:
     user audio, or the SR input)."""
     video_solver, audio_solver = solvers
-    image_latent, hooks = options.image_latent, options.hooks
+    hooks = options.hooks
     timesteps = schedule.timesteps.tolist()
-    video = video.clone()
+    video, audio = video.clone(), audio.clone()
     for i, t in enumerate(timesteps):
-        if image_latent is not None:
-            video[:, :, :1] = image_latent[:, :, :1]  # the reference image is the clean first latent frame
+        options.hold(video, audio)  # e.g. the reference image is the clean first latent frame
         v_video, v_audio = mix(forward(model, video, audio, texts, hooks, options.batch_cfg), t)
         if hooks.on_step:
             sigma = schedule.sigmas[i]
@@ -117,8 +128,7 @@ def denoise(
         video = video_solver.step(v_video, i, video)
         if audio_solver is not None:
             audio = audio_solver.step(v_audio, i, audio)
-    if image_latent is not None:
-        video[:, :, :1] = image_latent[:, :, :1]
+    options.hold(video, audio)
     return video, audio
 
 

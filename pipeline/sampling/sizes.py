@@ -14,7 +14,8 @@ SPATIAL = 16  # pixels per video-latent cell (Wan2.2 VAE: 2x2 patchify x 8x down
 TEMPORAL = 4  # pixel frames per video-latent frame after the first
 SNAP = 32  # latent sides must be even (the DiT packs 2x2 patches): pixel sides are multiples of 32
 MIN_SIDE, MAX_SIDE = 64, 4096
-MAX_SECONDS = 60.0
+MAX_SECONDS = 600.0  # a whole clip; past one window it is made window by window
+MAX_WINDOW_SECONDS = 60.0  # one DiT pass (its tokens grow with length)
 MAX_STEPS = 1000
 # The official sizes (width, height): the base stage and the two super-resolution targets.
 BASE_SIZE = (448, 256)

@@ -7,13 +7,14 @@ from dataclasses import replace
 import torch
 
 from ..codecs.audio_io import from_audio, to_audio
-from ..codecs.audio_vae import SAMPLE_RATE, OobleckVAE
+from ..codecs.audio_vae import HOP, SAMPLE_RATE, OobleckVAE
 from ..media.frames import image_to_video_input, to_image
 from .latent import MagiLatent
 from .loops import LoopOptions, initial_noise, sample_distilled, sample_guided
 from .requests import DEFAULT_STEPS, BaseRequest, SRRequest, StageRequest
 from .sizes import ClipSize, check_steps
 from .super_resolution import sample_sr
+from .windows import DEFAULT_WINDOWS, WindowSettings, plan_windows
 
 
 def reference_latent(vae, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -22,11 +23,20 @@ def reference_latent(vae, image: torch.Tensor, width: int, height: int) -> torch
     return vae.encode(image_to_video_input(image, width, height))
 
 
-def driving_audio(audio_vae: OobleckVAE, audio: dict, size: ClipSize) -> tuple[torch.Tensor, torch.Tensor]:
+def driving_audio(
+    audio_vae: OobleckVAE, audio: dict, size: ClipSize, windows: WindowSettings = DEFAULT_WINDOWS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A ComfyUI AUDIO as (latent [1, A, 64] held clean during sampling, waveform [1, 2, 2048·A] at 51.2 kHz
-    returned as the clip's sound)."""
+    returned as the clip's sound). A clip longer than one window is encoded window by window (memory flat in
+    length): each window's slice of the waveform on its own, as the model saw clips in training; where
+    windows overlap the earlier window's latents are kept, which the later window then holds clean."""
     waveform = from_audio(audio, size.audio_frames)
-    return audio_vae.encode(waveform), waveform
+    parts = []
+    for window in plan_windows(size, windows):
+        first = window.audio_start
+        piece = waveform[..., HOP * first : HOP * (first + window.size.audio_frames)]  # [1, 2, 2048·A_w]
+        parts.append(audio_vae.encode(piece)[:, window.held_audio :])
+    return torch.cat(parts, dim=1), waveform  # [1, A, 64]
 
 
 def generate_base(dit, request: BaseRequest) -> MagiLatent:
@@ -39,6 +49,8 @@ def generate_base(dit, request: BaseRequest) -> MagiLatent:
     video, audio_start = initial_noise(request.size, generator, device, user_audio)
     options = loop_options(request, device, hold_audio=user_audio is not None)
     dit = parallel_dit(dit, request)
+    if request.audio_prefix is not None:
+        options = replace(options, audio_prefix=request.audio_prefix.to(device))
     text = request.text.tokens().to(device)
     if request.mode == "distill":
         video, audio_out = sample_distilled(

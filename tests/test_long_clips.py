@@ -1,0 +1,197 @@
+"""Long clips on the tiny demo stack: the window plan, held overlap frames, driving-audio slices, the sound
+and length of the result, a windowed run against windows chained by hand, windowed super-resolution."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from magihuman.pipeline.codecs.audio_io import from_audio, to_audio
+from magihuman.pipeline.codecs.audio_vae import load_audio_vae
+from magihuman.pipeline.codecs.text_encoder import TextEmbedding
+from magihuman.pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
+from magihuman.pipeline.demo import build_models
+from magihuman.pipeline.dit.loading import load_dit
+from magihuman.pipeline.sampling.long_clips import generate_long, generate_long_sr
+from magihuman.pipeline.sampling.loops import Hooks
+from magihuman.pipeline.sampling.requests import BaseRequest, SRRequest
+from magihuman.pipeline.sampling.sizes import clip_size
+from magihuman.pipeline.sampling.stages import decode, driving_audio, generate_base
+from magihuman.pipeline.sampling.windows import WindowSettings, plan_windows
+
+WINDOW = WindowSettings(0.96, 1)  # 7 latent frames: a 2.88 s clip (19 latents) is exactly 3 windows
+SIZE = clip_size(2.88, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    models = build_models(tmp_path_factory.mktemp("models"))
+    dit, _ = load_dit(models / "diffusion_models" / "distill_fp8")
+    sr_dit, _ = load_dit(models / "diffusion_models" / "540p_sr_fp8")
+    audio_vae = load_audio_vae(models / "vae" / "stable-audio-open-1.0" / "model.safetensors")
+    turbo = load_turbo_vae(*turbo_files(models / "vae" / "turbo_vae"))
+    return dict(dit=dit, sr_dit=sr_dit, audio_vae=audio_vae, turbo=turbo)
+
+
+def embedding(seed: int, length: int = 5) -> TextEmbedding:
+    features = torch.zeros(1, 640, 3584, dtype=torch.float16)
+    features[:, :length] = torch.randn(1, length, 3584, generator=torch.Generator().manual_seed(seed)).half()
+    return TextEmbedding(features, length)
+
+
+class Recorder:
+    """The DiT, keeping every input it is called with."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, video, audio, text):
+        self.calls.append((video.clone(), audio.clone(), text.clone()))
+        return self.model(video, audio, text)
+
+
+def request(**overrides) -> BaseRequest:
+    fields = dict(size=SIZE, text=embedding(0), seed=7, steps=2, windows=WINDOW)
+    fields.update(overrides)
+    return BaseRequest(**fields)
+
+
+def tone(seconds: float, rate: int = 44100) -> dict:
+    t = torch.arange(round(seconds * rate)) / rate
+    wave = torch.stack([torch.sin(2 * torch.pi * 220 * t), 0.5 * torch.sin(2 * torch.pi * 330 * t)])
+    return {"waveform": wave.unsqueeze(0) * 0.5, "sample_rate": rate}
+
+
+@pytest.mark.parametrize("seconds", [0.04, 0.96, 1.0, 2.88, 3.0, 9.96, 20.0])
+@pytest.mark.parametrize(
+    "window", [WindowSettings(), WINDOW, WindowSettings(0.96, 3), WindowSettings(4.0, 2)]
+)
+def test_windows_cover_the_clip_exactly_once(seconds, window):
+    size = clip_size(seconds, 64, 64)
+    windows = plan_windows(size, window)
+    frames = [g for w in windows for g in range(size.latent_frames)[w.new_frames]]
+    audio = [a for w in windows for a in range(size.audio_frames)[w.new_audio]]
+    assert frames == list(range(size.latent_frames))  # no gap, no overlap, in order
+    assert audio == list(range(size.audio_frames))
+    for previous, w in zip(windows, windows[1:], strict=False):
+        assert w.held == window.overlap and w.start == previous.start + previous.size.latent_frames - w.held
+        assert w.audio_start + w.held_audio == previous.audio_start + previous.size.audio_frames
+    assert all(w.size.latent_frames <= max(window.latent_frames, size.latent_frames) for w in windows)
+    assert windows[0].held == 0 and (len(windows) == 1) == (size.latent_frames <= window.latent_frames)
+
+
+@pytest.mark.parametrize(
+    "seconds, overlap, message",
+    [(1.0, 1, "multiple of 0.16"), (0, 1, "multiple of 0.16"), (80.0, 1, "multiple of 0.16"),
+     (0.96, 0, "overlap must be"), (0.96, 7, "from 1 to 6")],
+)  # fmt: skip
+def test_bad_window_settings_are_explained(seconds, overlap, message):
+    with pytest.raises(ValueError, match=message):
+        WindowSettings(seconds, overlap)
+
+
+def test_a_three_window_run_equals_three_windows_chained_by_hand(stack):
+    prompts = (embedding(1), embedding(2, 7))  # the second serves windows 2 and 3
+    long = generate_long(stack["dit"], request(prompts=prompts))
+    assert long.video.shape == (1, 48, SIZE.latent_frames, 4, 4) and long.audio.shape == (1, 73, 64)
+
+    one = replace(request(), size=clip_size(0.96, 64, 64))  # 7 latents, 25 audio latents each
+    first = generate_base(stack["dit"], replace(one, text=prompts[0]))
+    held = dict(image_latent=first.video[:, :, -1:], audio_prefix=first.audio[:, -1:])
+    second = generate_base(stack["dit"], replace(one, text=prompts[1], seed=8, **held))
+    held = dict(image_latent=second.video[:, :, -1:], audio_prefix=second.audio[:, -1:])
+    third = generate_base(stack["dit"], replace(one, text=prompts[1], seed=9, **held))
+    by_hand_video = torch.cat([first.video, second.video[:, :, 1:], third.video[:, :, 1:]], dim=2)
+    by_hand_audio = torch.cat([first.audio, second.audio[:, 1:], third.audio[:, 1:]], dim=1)
+    assert torch.equal(long.video, by_hand_video) and torch.equal(long.audio, by_hand_audio)
+
+
+def test_overlap_frames_are_the_previous_windows_frames_at_every_call(stack):
+    window = WindowSettings(0.96, 2)
+    model = Recorder(stack["dit"])
+    long = generate_long(model, request(windows=window, steps=3))
+    windows = plan_windows(SIZE, window)
+    assert len(windows) == 4 and len(model.calls) == 4 * 3
+    for w in windows[1:]:
+        held = long.video[:, :, w.start : w.start + w.held]  # the previous window's last frames, as it ended
+        held_audio = long.audio[:, w.audio_start : w.audio_start + w.held_audio]
+        for video, audio, _ in model.calls[3 * w.index : 3 * w.index + 3]:
+            assert video.shape[2] == w.size.latent_frames
+            assert torch.equal(video[:, :, : w.held], held) and torch.equal(
+                audio[:, : w.held_audio], held_audio
+            )
+        assert not torch.equal(model.calls[3 * w.index][0][:, :, w.held], long.video[:, :, w.start + w.held])
+
+
+def test_driving_audio_slices_the_sound_and_the_clip_keeps_it_sample_accurate(stack):
+    audio_vae, size = stack["audio_vae"], SIZE
+    latent, waveform = driving_audio(audio_vae, tone(3.5), size, WINDOW)  # longer audio: cut to the clip
+    assert latent.shape == (1, size.audio_frames, 64) and waveform.shape == (1, 2, 2048 * size.audio_frames)
+    model = Recorder(stack["dit"])
+    long = generate_long(model, request(audio=(latent, waveform)))
+    assert torch.equal(long.audio, latent) and long.source_audio is waveform
+    for w in plan_windows(size, WINDOW):  # each window hears exactly its slice, clean, at every step
+        piece = latent[:, w.audio_start : w.audio_start + w.size.audio_frames]
+        assert all(torch.equal(call[1], piece) for call in model.calls[2 * w.index : 2 * w.index + 2])
+        alone = audio_vae.encode(
+            waveform[..., 2048 * w.audio_start : 2048 * (w.audio_start + w.size.audio_frames)]
+        )
+        assert torch.equal(piece[:, w.held_audio :], alone[:, w.held_audio :])  # its slice, encoded alone
+
+    frames, sound = decode(long, stack["turbo"], None)
+    assert frames.shape[0] == size.decoded_frames == 73
+    assert sound["waveform"].shape[-1] == round(frames.shape[0] / 25 * 44100)  # same duration, to the sample
+    assert torch.equal(sound["waveform"], to_audio(from_audio(tone(3.5), size.audio_frames))["waveform"])
+    # Audio exactly as long as the clip (73 frames = 2.92 s): the sound that comes out is the input itself,
+    # after the pack's FFT resampling to 51.2 kHz and back.
+    exact = tone(2.92)
+    latent, waveform = driving_audio(audio_vae, exact, size, WINDOW)
+    _, sound = decode(replace(long, audio=latent, source_audio=waveform), stack["turbo"], None)
+    assert sound["waveform"].shape == exact["waveform"].shape
+    assert torch.allclose(sound["waveform"], exact["waveform"], atol=1e-5)
+
+
+def test_long_clip_without_driving_audio_decodes_to_matching_lengths(stack):
+    from magihuman.pipeline.codecs.audio_vae import SAMPLE_RATE
+
+    size = clip_size(3.0, 64, 64)  # ends inside a latent: the last window is short
+    long = generate_long(stack["dit"], request(size=size))
+    assert long.video.shape[2] == size.latent_frames and long.audio.shape[1] == size.audio_frames
+    frames, sound = decode(long, stack["turbo"], stack["audio_vae"])
+    assert sound["waveform"].shape[-1] == round(frames.shape[0] / 25 * 44100) and SAMPLE_RATE == 51200
+
+
+def test_windowed_super_resolution_holds_the_previous_windows_frames(stack):
+    base = generate_long(stack["dit"], request())
+    sr_size = clip_size(SIZE.seconds, 128, 128)
+    model = Recorder(stack["sr_dit"])
+    sr = SRRequest(size=sr_size, text=embedding(0), seed=3, windows=WINDOW)
+    long = generate_long_sr(model, base, sr)
+    assert long.video.shape == (1, 48, SIZE.latent_frames, 8, 8) and torch.equal(long.audio, base.audio)
+    steps = sr.settings.steps
+    for w in plan_windows(sr_size, WINDOW)[1:]:
+        held = long.video[:, :, w.start : w.start + 1]
+        assert all(
+            torch.equal(call[0][:, :, :1], held)
+            for call in model.calls[steps * w.index : steps * (w.index + 1)]
+        )
+
+
+def test_progress_counts_windows_and_steps_and_cancel_stops_between_windows(stack):
+    seen, windows = [], []
+    hooks = Hooks(on_step=lambda i, n, *_: seen.append((i, n)), on_window=lambda i, n: windows.append((i, n)))
+    generate_long(stack["dit"], request(hooks=hooks))
+    assert windows == [(1, 3), (2, 3), (3, 3)] and seen == [(i, 6) for i in range(1, 7)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_in_window_two():
+        if windows and windows[-1][0] == 2:
+            raise Cancelled
+
+    windows.clear()
+    model = Recorder(stack["dit"])
+    hooks = Hooks(check_cancel=cancel_in_window_two, on_window=lambda i, n: windows.append((i, n)))
+    with pytest.raises(Cancelled):
+        generate_long(model, request(hooks=hooks))
+    assert len(model.calls) == 2 and windows == [(1, 3), (2, 3)]  # window 1 ran whole, window 2 not at all
