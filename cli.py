@@ -447,7 +447,9 @@ def _progress():
     bars = {}
 
     def update(stage: str, step: int, total: int) -> None:
-        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, unit="step"))
+        name = stage.partition(" [")[0]  # one bar per stage; "[window i/n]" of a long clip shows in it
+        bar = bars.get(name) or bars.setdefault(name, tqdm(total=total, desc=stage, unit="step"))
+        bar.set_description(stage, refresh=False)
         bar.update(step - bar.n)
         if step == total:
             bar.close()
@@ -468,7 +470,22 @@ def _add_generate(subparsers) -> None:
     parser.add_argument("--negative", default=None, help="negative prompt (default: the official one)")
     parser.add_argument("--image", type=Path, default=None, help="reference image for the first frame")
     parser.add_argument("--audio", type=Path, default=None, help="driving audio: the clip lip-syncs to it")
-    parser.add_argument("--seconds", type=float, default=4.0, help="length in seconds, 25 fps (default 4)")
+    parser.add_argument(
+        "--seconds", type=float, default=4.0,
+        help="length in seconds, 25 fps (default 4); past one window the clip is made window by window",
+    )  # fmt: skip
+    parser.add_argument(
+        "--window-seconds", type=float, default=4.96,
+        help="long clips: window length, a multiple of 0.16 (default 4.96 = the 5 s training length)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overlap", type=int, default=1,
+        help="long clips: latent frames each window takes clean from the previous one (default 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--window-prompt", action="append", default=[], metavar="PROMPT",
+        help="long clips: the prompt of the next window (repeat; the last one serves the windows after it)",
+    )  # fmt: skip
     parser.add_argument("--width", type=int, default=448, help="base width, multiple of 32 (default 448)")
     parser.add_argument("--height", type=int, default=256, help="base height, multiple of 32 (default 256)")
     parser.add_argument(
@@ -572,6 +589,7 @@ def _run_generate(args) -> int:
     from magihuman.pipeline.codecs.text_encoder import NEGATIVE_PROMPT
     from magihuman.pipeline.preflight import check_request, resolve_device
     from magihuman.pipeline.runner import ModelPaths, Request, run
+    from magihuman.pipeline.sampling.windows import WindowSettings
 
     device = str(resolve_device(args.device))
     plan, device = _parallel_plan(args, device)
@@ -579,7 +597,8 @@ def _run_generate(args) -> int:
         request = Request(
             args.prompt, args.seconds, args.width, args.height, args.mode, args.seed, args.steps,
             args.negative or NEGATIVE_PROMPT, _sr_size(args.sr), args.image, args.audio, args.decoder,
-            args.compute, args.swap_layers, plan,
+            args.compute, args.swap_layers, plan, WindowSettings(args.window_seconds, args.overlap),
+            tuple(args.window_prompt),
         )  # fmt: skip
         check_request(request)  # the values first, before the models are even looked up
         given = {

@@ -21,10 +21,12 @@ from .media.files import write_mp4, write_wav
 from .media.outputs import staged_outputs
 from .precision import vae_dtype
 from .preflight import check_run
+from .sampling.long_clips import generate_long, generate_long_sr
 from .sampling.loops import Hooks
 from .sampling.requests import BaseRequest, SRRequest
 from .sampling.sizes import clip_size
-from .sampling.stages import decode, driving_audio, generate_base, generate_sr, reference_latent
+from .sampling.stages import decode, driving_audio, reference_latent
+from .sampling.windows import DEFAULT_WINDOWS, WindowSettings
 from .weights.catalogue import MODEL_FILES, missing_file_message
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class Request:
     compute: str = "auto"
     swap_layers: int = 0
     parallel: ParallelPlan | None = None  # torchrun: every rank runs the DiT stages, rank 0 writes the files
+    windows: WindowSettings = DEFAULT_WINDOWS  # clips longer than one window are made window by window
+    window_prompts: tuple[str, ...] = ()  # one prompt per window (the last serves the rest); () = prompt
 
 
 Progress = Callable[[str, int, int], None]
@@ -123,7 +127,14 @@ def run(
     progress = progress if lead else None
 
     def hooks(stage: str) -> Hooks:
-        return Hooks(on_step=lambda i, n, *_: progress(stage, i, n)) if progress else Hooks()
+        if not progress:
+            return Hooks()
+        label = [stage]  # "<stage> [window i/n]" while a long clip's windows run
+
+        def on_window(index: int, count: int) -> None:
+            label[0] = f"{stage} [window {index}/{count}]"
+
+        return Hooks(on_step=lambda i, n, *_: progress(label[0], i, n), on_window=on_window)
 
     def done(stage: str) -> None:  # one-step stages (loading, encoding, decoding)
         if progress:
@@ -131,6 +142,7 @@ def run(
 
     encoder = load_text_encoder(paths.text_encoder, device)
     text = encoder.encode(request.prompt)
+    prompts = tuple(encoder.encode(line) for line in request.window_prompts)
     negative = encoder.encode(request.negative) if request.mode == "base" or request.sr_size else None
     _free(encoder)
     done("text encoding")
@@ -144,7 +156,7 @@ def run(
     image = checked.image
     image_latent = None if image is None else reference_latent(wan, image, size.width, size.height)
     audio_vae = load_audio_vae(paths.audio_vae, device)
-    sound = None if checked.audio is None else driving_audio(audio_vae, checked.audio, size)
+    sound = None if checked.audio is None else driving_audio(audio_vae, checked.audio, size, request.windows)
 
     dit, _ = load_dit(
         paths.dit,
@@ -157,9 +169,9 @@ def run(
     base = BaseRequest(
         size=size, text=text, seed=request.seed, negative=negative, image_latent=image_latent,
         hooks=hooks(f"{request.mode} sampling"), device=device, mode=request.mode, steps=request.steps,
-        audio=sound, parallel=plan,
+        audio=sound, parallel=plan, windows=request.windows, prompts=prompts,
     )  # fmt: skip
-    latent = generate_base(dit, base).check_finite(f"{request.mode} sampling", str(paths.dit))
+    latent = generate_long(dit, base).check_finite(f"{request.mode} sampling", str(paths.dit))
     _free(dit)
     if request.sr_size is not None:
         sr_dit, _ = load_dit(
@@ -174,10 +186,10 @@ def run(
         sr_image = None if image is None else reference_latent(wan, image, sr_size.width, sr_size.height)
         sr = SRRequest(
             size=sr_size, text=text, seed=request.seed, image_latent=sr_image,
-            hooks=hooks("super-resolution"), device=device,
+            hooks=hooks("super-resolution"), device=device, windows=request.windows,
             parallel=None if plan is None else replace(plan, cfg=False),  # SR: the long sequence splits
         )  # fmt: skip
-        latent = generate_sr(sr_dit, latent, sr).check_finite("super-resolution", str(paths.sr_dit))
+        latent = generate_long_sr(sr_dit, latent, sr).check_finite("super-resolution", str(paths.sr_dit))
         _free(sr_dit)
 
     if not lead:

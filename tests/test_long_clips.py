@@ -5,12 +5,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import load_cli
 from magihuman.pipeline.codecs.audio_io import from_audio, to_audio
 from magihuman.pipeline.codecs.audio_vae import load_audio_vae
 from magihuman.pipeline.codecs.text_encoder import TextEmbedding
 from magihuman.pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
 from magihuman.pipeline.demo import build_models
 from magihuman.pipeline.dit.loading import load_dit
+from magihuman.pipeline.media.files import read_audio, write_wav
 from magihuman.pipeline.sampling.long_clips import generate_long, generate_long_sr
 from magihuman.pipeline.sampling.loops import Hooks
 from magihuman.pipeline.sampling.requests import BaseRequest, SRRequest
@@ -29,7 +31,7 @@ def stack(tmp_path_factory):
     sr_dit, _ = load_dit(models / "diffusion_models" / "540p_sr_fp8")
     audio_vae = load_audio_vae(models / "vae" / "stable-audio-open-1.0" / "model.safetensors")
     turbo = load_turbo_vae(*turbo_files(models / "vae" / "turbo_vae"))
-    return dict(dit=dit, sr_dit=sr_dit, audio_vae=audio_vae, turbo=turbo)
+    return dict(models=models, dit=dit, sr_dit=sr_dit, audio_vae=audio_vae, turbo=turbo)
 
 
 def embedding(seed: int, length: int = 5) -> TextEmbedding:
@@ -195,3 +197,39 @@ def test_progress_counts_windows_and_steps_and_cancel_stops_between_windows(stac
     with pytest.raises(Cancelled):
         generate_long(model, request(hooks=hooks))
     assert len(model.calls) == 2 and windows == [(1, 3), (2, 3)]  # window 1 ran whole, window 2 not at all
+
+
+def test_cli_generate_past_one_window_makes_one_lip_synced_clip(stack, tmp_path):
+    from test_cli import streams
+
+    write_wav(tmp_path / "voice.wav", tone(2.92))  # 73 frames: the whole clip
+    args = ["generate", "--models-dir", str(stack["models"]), "--prompt", "a woman says hello",
+            "--out", str(tmp_path / "long"), "--seconds", "2.88", "--width", "64", "--height", "64",
+            "--window-seconds", "0.96", "--window-prompt", "a woman smiles", "--window-prompt", "she waves",
+            "--audio", str(tmp_path / "voice.wav"), "--steps", "2"]  # fmt: skip
+    assert load_cli().main(args) == 0
+    info = streams(tmp_path / "long.mp4")
+    assert info["frames"] == SIZE.decoded_frames == 73
+    assert abs(info["audio_seconds"] - info["video_seconds"]) < 0.05  # one AAC frame is 0.023 s
+    out, given = read_audio(tmp_path / "long.wav"), read_audio(tmp_path / "voice.wav")
+    assert out["waveform"].shape == given["waveform"].shape  # 2.92 s at 44.1 kHz, to the sample
+    assert (out["waveform"] - given["waveform"]).abs().max() < 2e-4  # 16-bit wav steps are 3e-5
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--window-seconds", "1"], "window seconds must be a multiple of 0.16"),
+     (["--overlap", "9"], "window overlap must be"), (["--seconds", "700"], "at most 600")],
+)  # fmt: skip
+def test_cli_bad_window_arguments_fail_with_a_clear_message(stack, tmp_path, capsys, extra, message):
+    args = [
+        "generate",
+        "--models-dir",
+        str(stack["models"]),
+        "--prompt",
+        "hello",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    assert load_cli().main([*args, "--window-seconds", "0.96", *extra]) == 1
+    assert message in capsys.readouterr().err
