@@ -12,6 +12,7 @@ from .download import DownloadModels
 from .loaders import AudioVAELoader, DiTLoader, TextEncoderLoader, VAELoader
 from .samplers import BaseSampler, DistillSampler
 from .super_resolution import SuperResolution
+from .windows import LongClipWindows
 
 NODES = [
     DiTLoader,
@@ -24,6 +25,7 @@ NODES = [
     SuperResolution,
     Decode,
     DownloadModels,
+    LongClipWindows,
 ]
 
 

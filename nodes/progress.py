@@ -1,12 +1,16 @@
 """What a sampling node reports while it works: a ComfyUI progress bar per stage with a preview of the current
 clean estimate (middle frame), and a cancel check between model calls that ComfyUI's Cancel triggers."""
 
+import logging
+
 import comfy.model_management as mm
 import comfy.utils
 import numpy as np
 import torch
 
 from ..pipeline.sampling.loops import Hooks
+
+log = logging.getLogger(__name__)
 
 PREVIEW_SIZE = 512
 
@@ -55,4 +59,9 @@ def sampling_hooks(steps: int) -> Hooks:
     def on_step(step: int, total: int, video: torch.Tensor, audio: torch.Tensor) -> None:
         bar.update_absolute(step, total, preview(video))
 
-    return Hooks(on_step=on_step, check_cancel=mm.throw_exception_if_processing_interrupted)
+    def on_window(index: int, count: int) -> None:  # the bar then counts the steps of every window
+        log.info("MagiHuman: window %d of %d", index, count)
+
+    return Hooks(
+        on_step=on_step, check_cancel=mm.throw_exception_if_processing_interrupted, on_window=on_window
+    )

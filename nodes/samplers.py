@@ -8,14 +8,17 @@ import torch
 from comfy_api.latest import io
 
 from ..fp8.errors import InputError
+from ..pipeline.sampling.long_clips import generate_long
 from ..pipeline.sampling.loops import Guidance
 from ..pipeline.sampling.requests import DEFAULT_STEPS, BaseRequest
 from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
-from ..pipeline.sampling.sizes import ClipSize, clip_size
-from ..pipeline.sampling.stages import driving_audio, generate_base, reference_latent
+from ..pipeline.sampling.sizes import FPS, MAX_SECONDS, ClipSize, clip_size
+from ..pipeline.sampling.stages import driving_audio, reference_latent
+from ..pipeline.sampling.windows import DEFAULT_WINDOWS
 from .memory import module_bytes, on_device
 from .progress import sampling_hooks
 from .types import AUDIO_VAE, CONDITIONING, DIT, LATENT, VIDEO_VAE, LoadedDiT, MagiConditioning, VideoVAEs
+from .windows import DEFAULT_LONG_CLIP, WINDOWS
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,9 @@ def common_inputs(steps: int) -> list:
     return [
         DIT.Input("dit", tooltip="From MagiHuman DiT Loader."),
         CONDITIONING.Input("conditioning", tooltip="From MagiHuman Conditioning."),
-        io.Float.Input("seconds", default=4.0, min=0.2, max=60.0, step=0.04, round=0.04,
-                       tooltip="Clip length at 25 fps, a multiple of 0.04 s (trained on 4-5 s clips)."),
+        io.Float.Input("seconds", default=4.0, min=0.0, max=MAX_SECONDS, step=0.04, round=0.04,
+                       tooltip="Clip length at 25 fps, a multiple of 0.04 s (trained on 4-5 s clips; longer "
+                       "clips are made window by window). 0 = as long as the driving audio."),
         io.Int.Input("width", default=448, min=64, max=4096, step=32,
                      tooltip="Base-stage width in pixels (multiple of 32). 448x256 as in the official "
                      "examples; super-resolve afterwards for 540p or 1080p."),
@@ -45,10 +49,26 @@ def common_inputs(steps: int) -> list:
         VIDEO_VAE.Input("vae", optional=True,
                         tooltip="Needed with a reference image (its Wan2.2 VAE encodes the picture)."),
         AUDIO_VAE.Input("audio_vae", optional=True, tooltip="Needed with driving audio (encodes the sound)."),
+        WINDOWS.Input("windows", optional=True,
+                      tooltip="From MagiHuman Long Clip Windows: window length, overlap and per-window "
+                      "prompts of long clips (default: 4.96 s windows, 1 latent overlap)."),
     ]  # fmt: skip
 
 
-def conditioning_latents(cond: MagiConditioning, size: ClipSize, vae: VideoVAEs | None, audio_vae):
+def clip_seconds(seconds: float, cond: MagiConditioning) -> float:
+    """The seconds widget; 0 = the driving audio's length, to the nearest frame (the clip's audio then
+    spans it and at most 20 ms more of silence)."""
+    if seconds > 0:
+        return seconds
+    if cond.audio is None:
+        raise InputError("seconds 0 means 'as long as the driving audio', but the conditioning has no audio")
+    audio = cond.audio
+    return max(1, round(audio["waveform"].shape[-1] / int(audio["sample_rate"]) * FPS)) / FPS
+
+
+def conditioning_latents(
+    cond: MagiConditioning, size: ClipSize, vae: VideoVAEs | None, audio_vae, windows=None
+):
     """(reference image latent or None, driving audio (latent, waveform) or None) at ``size``."""
     image = sound = None
     if cond.image is not None:
@@ -65,14 +85,15 @@ def conditioning_latents(cond: MagiConditioning, size: ClipSize, vae: VideoVAEs 
                 "driving audio needs the audio VAE: connect a MagiHuman Audio VAE Loader to audio_vae"
             )
         with on_device(audio_vae, module_bytes(audio_vae)) as encoder:
-            sound = driving_audio(encoder, cond.audio, size)
+            sound = driving_audio(encoder, cond.audio, size, windows or DEFAULT_WINDOWS)
     return image, sound
 
 
 def run_base_stage(dit: LoadedDiT, cond: MagiConditioning, vaes: tuple, widgets: dict, mode: str,
                    guidance: Guidance | None = None, batch: str = "sequential"):  # fmt: skip
     """One base stage from a sampler's widgets (seconds, width, height, seed, steps, shift); ``vaes`` =
-    (video VAEs or None, audio VAE or None) for the reference image and driving audio."""
+    (video VAEs or None, audio VAE or None) for the reference image and driving audio; ``widgets["windows"]``
+    (optional): the long-clip settings."""
     if dit.variant.startswith("sr_"):
         raise InputError(
             f"the dit input is the {dit.variant} DiT ({dit.description}); the {mode} sampler needs the "
@@ -80,19 +101,22 @@ def run_base_stage(dit: LoadedDiT, cond: MagiConditioning, vaes: tuple, widgets:
         )
     if dit.variant != mode:
         log.warning("the %s sampler is running the %s DiT (%s)", mode, dit.variant, dit.description)
-    size = clip_size(widgets["seconds"], widgets["width"], widgets["height"])
-    image, sound = conditioning_latents(cond, size, *vaes)
+    long = widgets.get("windows") or DEFAULT_LONG_CLIP
+    size = clip_size(clip_seconds(widgets["seconds"], cond), widgets["width"], widgets["height"])
+    image, sound = conditioning_latents(cond, size, *vaes, long.settings)
     model = dit.managed.use()
     device = mm.get_torch_device()
     if batch == "auto":
-        tokens = size.latent_frames * size.latent_height * size.latent_width // 4 + size.audio_frames + 640
+        frames = min(size.latent_frames, long.settings.latent_frames)  # a long clip runs one window at a time
+        tokens = frames * size.latent_height * size.latent_width // 4 + 4 * (frames - 1) + 1 + 640
         batch = "batched" if mm.get_free_memory(device) > 3 * tokens * BYTES_PER_TOKEN else "sequential"
     request = BaseRequest(
         size=size, text=cond.prompt, seed=widgets["seed"], negative=cond.negative, image_latent=image,
         hooks=sampling_hooks(widgets["steps"]), device=device, batch_cfg=batch == "batched", mode=mode,
         steps=widgets["steps"], shift=widgets["shift"], guidance=guidance or Guidance(), audio=sound,
+        windows=long.settings, prompts=long.prompts,
     )  # fmt: skip
-    latent = generate_base(model, request).check_finite(f"{mode} sampling", dit.description)
+    latent = generate_long(model, request).check_finite(f"{mode} sampling", dit.description)
     return latent.to(mm.intermediate_device())
 
 

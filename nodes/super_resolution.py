@@ -7,14 +7,15 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from ..fp8.errors import InputError
+from ..pipeline.sampling.long_clips import generate_long_sr
 from ..pipeline.sampling.requests import DEFAULT_STEPS, SRRequest
 from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
 from ..pipeline.sampling.sizes import SR_TARGETS, clip_size
-from ..pipeline.sampling.stages import generate_sr
 from ..pipeline.sampling.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance, SRSettings
 from .progress import sampling_hooks
 from .samplers import MAX_SEED, conditioning_latents, guidance_scale
 from .types import CONDITIONING, DIT, LATENT, VIDEO_VAE
+from .windows import DEFAULT_LONG_CLIP, WINDOWS
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,18 @@ class SuperResolution(io.ComfyNode):
                     optional=True,
                     tooltip="Needed with a reference image: it is re-encoded at the SR size.",
                 ),
+                WINDOWS.Input(
+                    "windows",
+                    optional=True,
+                    tooltip="From MagiHuman Long Clip Windows: how a long clip is refined window by window "
+                    "(default: 4.96 s windows, 1 latent overlap).",
+                ),
             ],  # fmt: skip
             outputs=[LATENT.Output(display_name="latent")],
         )
 
     @classmethod
-    def execute(cls, sr_dit, latent, conditioning, vae=None, **widgets):
+    def execute(cls, sr_dit, latent, conditioning, vae=None, windows=None, **widgets):
         if not sr_dit.variant.startswith("sr_"):
             raise InputError(
                 f"sr_dit is the '{sr_dit.variant}' DiT ({sr_dit.description}); super-resolution needs an SR "
@@ -144,8 +151,8 @@ class SuperResolution(io.ComfyNode):
         request = SRRequest(
             size=size, text=conditioning.prompt, seed=widgets["seed"], negative=conditioning.negative,
             image_latent=image, hooks=sampling_hooks(settings.steps), device=mm.get_torch_device(),
-            settings=settings,
+            settings=settings, windows=(windows or DEFAULT_LONG_CLIP).settings,
         )  # fmt: skip
-        result = generate_sr(sr_dit.managed.use(), latent, request)
+        result = generate_long_sr(sr_dit.managed.use(), latent, request)
         result.check_finite("super-resolution", sr_dit.description)
         return io.NodeOutput(result.to(mm.intermediate_device()))

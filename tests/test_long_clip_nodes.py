@@ -1,0 +1,72 @@
+"""The long-clip path through the nodes (fake ComfyUI, tiny demo models): the window node with per-window
+prompts, a sampler as long as its driving audio, windowed super-resolution, one progress bar over every
+window, and Cancel inside a later window."""
+
+import pytest
+import torch
+from test_nodes import node, run, stack  # noqa: F401  (stack is a fixture)
+
+pytest_plugins = ["comfy_fixtures"]
+
+
+def tone(seconds: float, rate: int = 44100) -> dict:
+    t = torch.arange(round(seconds * rate)) / rate
+    return {"waveform": (0.5 * torch.sin(2 * torch.pi * 220 * t)).view(1, 1, -1), "sample_rate": rate}
+
+
+def long_sample(comfy, stack, **overrides):  # noqa: F811
+    prompts = "a woman smiles\n\nshe waves"  # two windows' prompts (blank lines skipped); the last serves on
+    (windows,) = run(comfy, "LongClipWindows", window_seconds=0.96, overlap=1, window_prompts=prompts,
+                     text_encoder=stack["text_encoder"])  # fmt: skip
+    (cond,) = run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="a woman says hello",
+                  negative_prompt="static", audio=tone(2.92))  # fmt: skip
+    inputs = dict(dit=stack["dit"], conditioning=cond, seconds=0.0, width=64, height=64, seed=1, steps=2,
+                  shift=5.0, vae=stack["vae"], audio_vae=stack["audio_vae"], windows=windows)  # fmt: skip
+    inputs.update(overrides)
+    return run(comfy, "DistillSampler", **inputs)[0], cond, windows
+
+
+def test_a_long_lip_synced_clip_is_as_long_as_its_audio_and_keeps_it(comfy, stack):  # noqa: F811
+    comfy.utils.bars.clear()
+    latent, cond, windows = long_sample(comfy, stack)
+    assert len(windows.prompts) == 2 and windows.settings.latent_frames == 7
+    # 2.92 s of audio -> a 2.92 s clip: 74 frames -> 19 latent frames = 3 windows of 7, overlapping by 1
+    assert latent.video.shape == (1, 48, 19, 4, 4) and latent.audio.shape == (1, 74, 64) and latent.user_audio
+    assert [u[:2] for u in comfy.utils.bars[-1].updates] == [(i, 6) for i in range(1, 7)]  # 3 windows x 2
+    (sr,) = run(comfy, "SuperResolution", sr_dit=stack["sr_dit"], latent=latent, conditioning=cond,
+                target="custom", width=128, height=128, seed=2, steps=2, shift=5.0, noise_index=220,
+                audio_noise_scale=0.7, sr_cfg=1.0, cfg_trick_frames=13, cfg_trick_value=2.0,
+                windows=windows)  # fmt: skip
+    assert sr.video.shape == (1, 48, 19, 8, 8) and torch.equal(sr.audio, latent.audio)
+    frames, audio, _ = run(comfy, "Decode", latent=sr, vae=stack["vae"], audio_vae=stack["audio_vae"],
+                           decoder="turbo", offload_frames=True, tile=0)  # fmt: skip
+    given = tone(2.92)["waveform"][0, 0]
+    assert frames.shape[0] == 73 and audio["waveform"].shape[-1] == given.shape[0]  # 2.92 s, both
+    middle = slice(2000, given.shape[0] - 4000)  # the FFT resampler rings at the edges of the padded clip
+    assert (audio["waveform"][0, 1, middle] - given[middle]).abs().max() < 5e-3
+
+
+def test_seconds_zero_needs_driving_audio_and_window_prompts_need_the_encoder(comfy, stack):  # noqa: F811
+    with pytest.raises(ValueError, match="window prompts need the text encoder"):
+        run(comfy, "LongClipWindows", window_seconds=0.96, overlap=1, window_prompts="hi")
+    with pytest.raises(ValueError, match="window seconds must be a multiple of 0.16"):
+        run(comfy, "LongClipWindows", window_seconds=1.0, overlap=1, window_prompts="")
+    with pytest.raises(ValueError, match="as long as the driving audio"):
+        run(comfy, "DistillSampler", dit=stack["dit"], conditioning=stack["cond"], seconds=0.0, width=64,
+            height=64, seed=1, steps=2, shift=5.0)  # fmt: skip
+
+
+def test_cancel_inside_a_later_window_stops_the_run(comfy, stack, monkeypatch):  # noqa: F811
+    bar_class = comfy.utils.ProgressBar
+    update = bar_class.update_absolute
+
+    def cancel_after_the_first_window(self, value, total=None, preview=None):
+        update(self, value, total, preview)
+        if value == 3:  # the first step of window 2: the next model call must not happen
+            comfy.mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(bar_class, "update_absolute", cancel_after_the_first_window)
+    comfy.utils.bars.clear()
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        long_sample(comfy, stack)
+    assert [u[0] for u in comfy.utils.bars[-1].updates] == [1, 2, 3]
