@@ -388,7 +388,7 @@ def _add_download(subparsers) -> None:
         default=[],
         metavar="NAME",
         help="everything an example workflow needs (t2v_distill, i2v_distill, t2v_base, base_sr_540p, "
-        "distill_sr_1080p, lipsync_distill); repeatable",
+        "distill_sr_1080p, lipsync_distill, lipsync_long); repeatable",
     )
     parser.add_argument(
         "--dit", action="append", default=[], choices=("distill", "base"), help="a base-stage DiT (FP8)"

@@ -26,7 +26,8 @@ CORE = {
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
-SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2}
+# window_seconds 0.48: the long-clip example runs its 0.96 s as two windows
+SMALL = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2, "window_seconds": 0.48}
 
 
 def schemas(comfy):

@@ -96,6 +96,7 @@ WORKFLOW_FILES: dict[str, tuple[str, ...]] = {
     "base_sr_540p": ("dit_base", "dit_sr_540p", *SHARED),
     "distill_sr_1080p": ("dit_distill", "dit_sr_1080p", *SHARED),
     "lipsync_distill": ("dit_distill", *SHARED),
+    "lipsync_long": ("dit_distill", *SHARED),
 }
 
 
