@@ -160,7 +160,8 @@ def _add_bench(subparsers) -> None:
         "GPU_REVIEW.md §4 (about 6 minutes on an H100/H200, random weights at real shapes): PASS/FAIL lines "
         "and gpu_check.json in --out; --dry-run runs every section at tiny shapes on the CPU. memory: "
         "device-free predictions of the full models' device peaks (DiT load, forward per clip size, FP8 and "
-        "bf16, block swap) with fake tensors.",
+        "bf16, block swap) with fake tensors. long: a long clip made window by window (demo DiT at 448x256, "
+        "Turbo VAE decode) at several lengths, each in a fresh process: time and peak memory against length.",
     )
     parser.add_argument("target", choices=sorted(BENCH_TARGETS), help="what to measure")
     parser.add_argument(
@@ -244,6 +245,9 @@ def _add_bench(subparsers) -> None:
         default=None,
         metavar="N,N,...",
         help="gpu-check: only these sections (0-8). Default: all",
+    )
+    parser.add_argument(
+        "--lengths", default="4,20", metavar="S,S,...", help="long: clip lengths in seconds (default 4,20)"
     )
     parser.set_defaults(run=_run_bench)
 
@@ -351,6 +355,16 @@ def _bench_memory(args, device) -> int:
     return 0
 
 
+def _bench_long(args, device) -> int:
+    from magihuman.benchmarks.long_clip import bench_long_clip, format_long_clip_results
+    from magihuman.pipeline.sampling.windows import DEFAULT_WINDOWS
+
+    lengths = [float(s) for s in args.lengths.split(",")]
+    results = bench_long_clip(device, lengths, 8, DEFAULT_WINDOWS)
+    print(format_long_clip_results(results, device, DEFAULT_WINDOWS))
+    return 0
+
+
 BENCH_TARGETS = {
     "fp8": _bench_fp8,
     "dit": _bench_dit,
@@ -358,6 +372,7 @@ BENCH_TARGETS = {
     "load": _bench_load,
     "gpu-check": _bench_gpu_check,
     "memory": _bench_memory,
+    "long": _bench_long,
 }
 
 

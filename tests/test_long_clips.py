@@ -17,7 +17,7 @@ from magihuman.pipeline.sampling.long_clips import generate_long, generate_long_
 from magihuman.pipeline.sampling.loops import Hooks
 from magihuman.pipeline.sampling.requests import BaseRequest, SRRequest
 from magihuman.pipeline.sampling.sizes import clip_size
-from magihuman.pipeline.sampling.stages import decode, driving_audio, generate_base
+from magihuman.pipeline.sampling.stages import decode, decode_audio, driving_audio, generate_base
 from magihuman.pipeline.sampling.windows import WindowSettings, plan_windows
 
 WINDOW = WindowSettings(0.96, 1)  # 7 latent frames: a 2.88 s clip (19 latents) is exactly 3 windows
@@ -233,3 +233,11 @@ def test_cli_bad_window_arguments_fail_with_a_clear_message(stack, tmp_path, cap
     ]
     assert load_cli().main([*args, "--window-seconds", "0.96", *extra]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_the_sound_of_a_long_clip_decodes_in_chunks_as_in_one_piece(stack):
+    latent = torch.randn(1, 301, 64, generator=torch.Generator().manual_seed(0))
+    whole = stack["audio_vae"].decode(latent)
+    chunked = decode_audio(stack["audio_vae"], latent, chunk=40)  # 8 chunks with 32 latents of context
+    assert chunked.shape == whole.shape == (1, 2, 2048 * 301)
+    assert torch.allclose(chunked, whole, atol=1e-5 * whole.abs().max().item())

@@ -112,6 +112,26 @@ def decode(
     elif audio_vae is None:
         raise ValueError("decoding the sound needs the audio VAE")
     else:
-        sound = to_audio(audio_vae.decode(latent.audio), SAMPLE_RATE)
+        sound = to_audio(decode_audio(audio_vae, latent.audio), SAMPLE_RATE)
     samples = round(frames.shape[0] / latent.fps * sound["sample_rate"])
     return frames, {"waveform": sound["waveform"][..., :samples], "sample_rate": sound["sample_rate"]}
+
+
+AUDIO_CHUNK = 250  # audio latents (10 s) decoded at a time, so a long clip's sound takes flat memory
+AUDIO_CONTEXT = 32  # latents of context each side, twice the decoder's reach (about 16 latents)
+
+
+def decode_audio(audio_vae: OobleckVAE, latent: torch.Tensor, chunk: int = AUDIO_CHUNK) -> torch.Tensor:
+    """Audio latents [1, A, 64] -> waveform [1, 2, 2048·A] at 51.2 kHz, ``chunk`` latents at a time with
+    context on both sides that is cut off again: the same sound as one decode, in memory that does not grow
+    with the clip (the decoder is convolutional, its reach a few latents)."""
+    total = latent.shape[1]
+    if total <= chunk + 2 * AUDIO_CONTEXT:
+        return audio_vae.decode(latent)
+    parts = []
+    for start in range(0, total, chunk):
+        end = min(total, start + chunk)
+        first, last = max(0, start - AUDIO_CONTEXT), min(total, end + AUDIO_CONTEXT)
+        wave = audio_vae.decode(latent[:, first:last])  # [1, 2, 2048·(last − first)]
+        parts.append(wave[..., HOP * (start - first) : HOP * (end - first)].cpu())
+    return torch.cat(parts, dim=-1)
