@@ -16,13 +16,14 @@ from .stages import generate_base, generate_sr
 from .windows import Window, plan_windows
 
 
-def window_hooks(hooks: Hooks, window: Window, count: int, steps: int) -> Hooks:
-    """The run's hooks seen from one window: steps counted over the whole run (window n, step i is step
-    n·steps + i of count·steps), so one progress bar covers every window."""
+def start_window(hooks: Hooks, window: Window, count: int, steps: int) -> Hooks:
+    """A window starts: report it, check Cancel (between windows; inside one the loop checks before every
+    model call), and return the hooks seen from inside it, whose steps count over the whole run (window n,
+    step i is step n·steps + i of count·steps) so that one progress bar covers every window."""
     if hooks.on_window:
         hooks.on_window(window.index + 1, count)
     if hooks.check_cancel:
-        hooks.check_cancel()  # Cancel between windows, as well as before every model call inside one
+        hooks.check_cancel()
     on_step = hooks.on_step
     if on_step is None:
         return hooks
@@ -35,7 +36,8 @@ def generate_long(dit, request: BaseRequest) -> MagiLatent:
     per window. Window n is seeded ``seed + n``, uses ``request.prompts[n]`` (or the last prompt, or
     ``request.text``), and holds clean: the reference image (window 0) or the previous window's last
     ``overlap`` latent frames; with driving audio its slice of ``request.audio``'s latent, else the previous
-    window's audio over the overlap. The result's sound is the whole driving waveform itself."""
+    window's audio over the overlap. ``request.audio`` comes from :func:`.stages.driving_audio` with the same
+    ``windows``. The result's sound is the whole driving waveform itself."""
     windows = plan_windows(request.size, request.windows)
     if len(windows) == 1 and not request.prompts:
         return generate_base(dit, request)
@@ -49,7 +51,7 @@ def generate_long(dit, request: BaseRequest) -> MagiLatent:
             size=window.size,
             text=prompts[min(window.index, len(prompts) - 1)],
             seed=request.seed + window.index,
-            hooks=window_hooks(request.hooks, window, len(windows), steps),
+            hooks=start_window(request.hooks, window, len(windows), steps),
             prompts=(),
         )
         if previous is not None:
@@ -85,7 +87,7 @@ def generate_long_sr(sr_dit, latent: MagiLatent, request: SRRequest) -> MagiLate
             request,
             size=size,
             seed=request.seed + window.index,
-            hooks=window_hooks(request.hooks, window, len(windows), steps),
+            hooks=start_window(request.hooks, window, len(windows), steps),
         )
         if previous is not None:
             part = replace(part, image_latent=previous[:, :, -window.held :])
