@@ -63,7 +63,7 @@ def tone(seconds: float, rate: int = 44100) -> dict:
     return {"waveform": wave.unsqueeze(0) * 0.5, "sample_rate": rate}
 
 
-@pytest.mark.parametrize("seconds", [0.04, 0.96, 1.0, 2.88, 3.0, 9.96, 20.0])
+@pytest.mark.parametrize("seconds", [0.04, 0.96, 1.0, 2.88, 3.0, 9.96, 20.0, 60.0, 600.0])
 @pytest.mark.parametrize(
     "window", [WindowSettings(), WINDOW, WindowSettings(0.96, 3), WindowSettings(4.0, 2)]
 )
@@ -241,3 +241,39 @@ def test_the_sound_of_a_long_clip_decodes_in_chunks_as_in_one_piece(stack):
     chunked = decode_audio(stack["audio_vae"], latent, chunk=40)  # 8 chunks with 32 latents of context
     assert chunked.shape == whole.shape == (1, 2, 2048 * 301)
     assert torch.allclose(chunked, whole, atol=1e-5 * whole.abs().max().item())
+
+
+class FrameCounter:
+    """A stand-in video decoder: black frames, as many as the Turbo VAE gives (4·latent frames − 3)."""
+
+    def decode(self, latent):
+        return torch.zeros(1, 3, 4 * latent.shape[2] - 3, 8, 8)
+
+
+class MeanEncoder:
+    """A stand-in audio encoder, fast at any length: each latent is its 2048 samples' mean (both channels
+    repeated to 64), so a latent names the stretch of sound it came from."""
+
+    def encode(self, waveform):
+        means = waveform.unfold(-1, 2048, 2048).mean(-1)  # [1, 2, A]
+        return means.transpose(1, 2).repeat(1, 1, 32)  # [1, A, 64]
+
+
+def test_a_minute_of_driving_audio_gives_a_minute_of_clip_with_that_sound():
+    # The sound path at full length, with stand-ins for the models (the real ones are slow on a CPU at 60 s;
+    # the tests above run them on short clips): 60 s -> 1501 frames = 4·376 − 3 decoded, 1501 audio latents.
+    voice = tone(60.04)
+    size = clip_size(60.0, 64, 64)
+    latent, waveform = driving_audio(MeanEncoder(), voice, size)  # default windows: 13 of 4.96 s
+    assert torch.allclose(latent, MeanEncoder().encode(waveform), atol=1e-6)  # the slices tile the audio
+    calls = []
+
+    def model(video, audio, text):
+        calls.append(audio)
+        return torch.zeros_like(video), torch.zeros_like(audio)
+
+    long = generate_long(model, request(size=size, windows=WindowSettings(), audio=(latent, waveform)))
+    assert len(calls) == 13 * 2 and long.video.shape[2] == 376 and torch.equal(long.audio, latent)
+    frames, sound = decode(long, FrameCounter(), None)
+    assert frames.shape[0] == 1501 and sound["waveform"].shape == voice["waveform"].shape  # 60.04 s both
+    assert torch.allclose(sound["waveform"], voice["waveform"], atol=1e-5)
