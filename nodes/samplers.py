@@ -58,8 +58,8 @@ def common_inputs(steps: int) -> list:
 def clip_seconds(seconds: float, cond: MagiConditioning) -> float:
     """The seconds widget; 0 = the driving audio's length, to the nearest frame (the clip's audio then
     spans it and at most 20 ms more of silence)."""
-    if seconds > 0:
-        return seconds
+    if seconds != 0:
+        return seconds  # clip_size checks it
     if cond.audio is None:
         raise InputError("seconds 0 means 'as long as the driving audio', but the conditioning has no audio")
     audio = cond.audio

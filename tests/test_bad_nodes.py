@@ -132,7 +132,8 @@ def test_a_base_dit_in_the_super_resolution_node_is_refused(comfy, stack, base_l
 
 SAMPLER_VALUES = [
     (dict(seconds=0.05), ["seconds must be a multiple of 1/25", "0.05"]),
-    (dict(seconds=0.0), ["seconds must be more than 0"]),
+    (dict(seconds=0.0), ["seconds 0 means 'as long as the driving audio'", "no audio"]),
+    (dict(seconds=-1.0), ["seconds must be more than 0"]),
     (dict(width=7), ["width must be a whole number of pixels from 64", "7"]),
     (dict(height=99999), ["height must be a whole number of pixels", "99999"]),
     (dict(steps=0), ["steps must be a whole number from 1"]),
@@ -168,14 +169,14 @@ def test_conditioning_that_needs_a_vae_says_which(comfy, stack):
 
 def test_a_nan_latent_from_the_sampler_names_the_dit(comfy, stack, monkeypatch):
     samplers = comfy.nodes.samplers
-    original = samplers.generate_base
+    original = samplers.generate_long
 
     def poisoned(model, request):
         latent = original(model, request)
         latent.audio[0, 0, 0] = float("inf")
         return latent
 
-    monkeypatch.setattr(samplers, "generate_base", poisoned)
+    monkeypatch.setattr(samplers, "generate_long", poisoned)
     words = [
         "distill sampling stage produced NaN or Inf values in its audio latent",
         "distill_fp8/",
