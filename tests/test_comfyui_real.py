@@ -35,6 +35,7 @@ NODE_IDS = {
     "MagiHumanDistillSampler",
     "MagiHumanBaseSampler",
     "MagiHumanSuperResolution",
+    "MagiHumanLongClipWindows",
     "MagiHumanDecode",
     "MagiHumanDownloadModels",
 }
