@@ -234,10 +234,14 @@ def execute(comfy, ours, node, inputs, output_dir, written):
 def published_names(comfy):
     """The demo models under every name the workflows use (base and 1080p SR share the demo weights)."""
     models = comfy.models / "diffusion_models"
+    made = []
     for alias, source in (("base_fp8", "distill_fp8"), ("1080p_sr_fp8", "540p_sr_fp8")):
         if not (models / alias).exists():
             (models / alias).symlink_to(models / source, target_is_directory=True)
-    return comfy
+            made.append(models / alias)
+    yield comfy
+    for link in made:  # the demo models are shared by the session: later tests expect them as built
+        link.unlink()
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
