@@ -158,14 +158,14 @@ def run(
     audio_vae = load_audio_vae(paths.audio_vae, device)
     sound = None if checked.audio is None else driving_audio(audio_vae, checked.audio, size, request.windows)
 
-    dit, _ = load_dit(
-        paths.dit,
-        variant=checked.dit_variant,
-        compute=request.compute,
-        device=device,
-        swap_layers=request.swap_layers,
-    )
-    fuse(dit, AUTO, device)  # compiled elementwise kernels where Triton works
+    def dit_for(path: Path, variant: str | None):  # both DiT stages load alike
+        model, _ = load_dit(
+            path, variant=variant, compute=request.compute, device=device, swap_layers=request.swap_layers
+        )
+        fuse(model, AUTO, device)  # compiled elementwise kernels where Triton works
+        return model
+
+    dit = dit_for(paths.dit, checked.dit_variant)
     base = BaseRequest(
         size=size, text=text, seed=request.seed, negative=negative, image_latent=image_latent,
         hooks=hooks(f"{request.mode} sampling"), device=device, mode=request.mode, steps=request.steps,
@@ -174,14 +174,7 @@ def run(
     latent = generate_long(dit, base).check_finite(f"{request.mode} sampling", str(paths.dit))
     _free(dit)
     if request.sr_size is not None:
-        sr_dit, _ = load_dit(
-            paths.sr_dit,
-            variant=checked.sr_variant,
-            compute=request.compute,
-            device=device,
-            swap_layers=request.swap_layers,
-        )
-        fuse(sr_dit, AUTO, device)
+        sr_dit = dit_for(paths.sr_dit, checked.sr_variant)
         sr_size = clip_size(latent.seconds, *request.sr_size)
         sr_image = None if image is None else reference_latent(wan, image, sr_size.width, sr_size.height)
         sr = SRRequest(
