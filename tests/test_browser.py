@@ -195,3 +195,26 @@ def test_text_to_video_runs_from_the_run_button_to_a_save_video_preview(page, se
         "video source"
     ).first.get_attribute("src")
     assert source and ".mp4" in source, source
+
+
+def test_an_old_saved_super_resolution_node_keeps_its_values(page, screenshots):
+    """Saved before the SR target became a dynamic combo: [target, width, height, seed, ...] for every target.
+    web/legacy_widgets.js drops a preset's unused width and height, so nothing shifts (a custom one is the
+    same order as today's)."""
+    path = ROOT / "tests" / "fixtures" / "old_super_resolution_widgets.json"
+    page.locator("#comfy-file-input").set_input_files(str(path))
+    wait_for_graph(page, path)
+    page.screenshot(path=str(screenshots / "old_super_resolution.png"))
+    values = page.evaluate(
+        "app.graph.nodes.sort((a, b) => a.id - b.id)"
+        ".map(n => Object.fromEntries(n.widgets.map(w => [w.name, w.value])))"
+    )
+    preset, custom = values
+    for node in values:  # the values saved after width and height, in their places
+        assert (node["seed"], node["steps"], node["shift"], node["noise_index"]) == (42, 5, 5.0, 220), node
+        assert (node["audio_noise_scale"], node["cfg_trick_frames"]) == (0.7, 13), node
+    assert preset["target"] == "540p" and not any("width" in name for name in preset), preset
+    assert custom["target"] == "custom", custom
+    assert sorted(v for k, v in custom.items() if k.endswith(("width", "height"))) == [544, 960], custom
+    seen = page.evaluate(INSPECT)
+    assert all(not node["bad"] for node in seen["nodes"]), seen["nodes"]
