@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from urllib.parse import quote
 
 import av
 import pytest
@@ -87,9 +88,10 @@ def test_the_workflows_are_in_the_templates_browser_with_their_pictures(server):
     templates = server.get("/api/workflow_templates")
     assert sorted(templates["ComfyUI-MagiHuman"]) == [p.stem for p in WORKFLOWS]
     for path in WORKFLOWS:
-        served = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{path.name}")
+        # The names hold spaces and parentheses: the frontend requests them percent-encoded.
+        served = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{quote(path.name)}")
         assert json.loads(served) == json.loads(path.read_text())
-        picture = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{path.stem}.jpg")
+        picture = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{quote(path.stem)}.jpg")
         assert picture == path.with_suffix(".jpg").read_bytes()
 
 
