@@ -154,6 +154,8 @@ def test_templates_have_readable_descriptions_and_a_category_name():
             graph = json.loads(path.read_text())
             note = next(n for n in graph["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
             assert note.startswith(f"## {graph['extra']['title']}\n")
+            # the first-run hint names this workflow as the Download Models node and the CLI call it
+            assert f"choose `{path.stem}`" in note and f'--workflow "{path.stem}"' in note
             description = locale["templateDescription"][module][path.stem]
             assert description in note and len(description.split()) >= 8
 
