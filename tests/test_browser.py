@@ -218,3 +218,30 @@ def test_an_old_saved_super_resolution_node_keeps_its_values(page, screenshots):
     assert sorted(v for k, v in custom.items() if k.endswith(("width", "height"))) == [544, 960], custom
     seen = page.evaluate(INSPECT)
     assert all(not node["bad"] for node in seen["nodes"]), seen["nodes"]
+
+
+def test_a_missing_single_file_model_is_offered_for_download(page, tmp_path, screenshots):
+    """As on a host without the model: the workflow's single-file model renamed to an absent file (its
+    download metadata renamed with it). The Errors panel's Missing Models list names it with its folder and a
+    Download button (from the metadata); the folder models are the Download Models node's job, which the
+    workflow's visible notes name."""
+    graph = json.loads((ROOT / "workflows" / "MagiHuman text to video (distilled).json").read_text())
+    absent = []
+    for node in graph["nodes"]:
+        for model in node.get("properties", {}).get("models", []):
+            old, model["name"] = model["name"], "absent_" + model["name"].replace("/", "_")
+            node["widgets_values"] = [model["name"] if v == old else v for v in node["widgets_values"]]
+            absent.append((model["name"], model["directory"]))
+    assert absent, "the workflow has a single-file model"
+    path = tmp_path / "absent model.json"
+    path.write_text(json.dumps(graph))
+    page.locator("#comfy-file-input").set_input_files(str(path))
+    wait_for_graph(page, path)
+    page.get_by_text("View details").first.click()
+    page.get_by_text("Missing Models", exact=True).wait_for()
+    page.locator("button:visible", has_text="Download").first.wait_for()  # "Download" and "Download all"
+    page.screenshot(path=str(screenshots / "missing_models.png"))
+    text = page.inner_text("body")
+    for name, folder in absent:
+        assert name in text and folder in text, text[-2000:]
+    assert "MagiHuman Download Models" in text, "the notes name the node that fetches the folder models"
