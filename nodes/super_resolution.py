@@ -151,7 +151,7 @@ class SuperResolution(io.ComfyNode):
         request = SRRequest(
             size=size, text=conditioning.prompt, seed=widgets["seed"], negative=conditioning.negative,
             image_latent=image, hooks=sampling_hooks(settings.steps), device=mm.get_torch_device(),
-            settings=settings, windows=(windows or DEFAULT_LONG_CLIP).settings,
+            settings=settings, windows=(windows or DEFAULT_LONG_CLIP).windows(image is not None),
         )  # fmt: skip
         result = generate_long_sr(sr_dit.managed.use(), latent, request)
         result.check_finite("super-resolution", sr_dit.description)

@@ -70,3 +70,38 @@ def test_cancel_inside_a_later_window_stops_the_run(comfy, stack, monkeypatch): 
     with pytest.raises(comfy.mm.InterruptProcessingException):
         long_sample(comfy, stack)
     assert [u[0] for u in comfy.utils.bars[-1].updates] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "image, anchor, anchored", [(True, True, True), (True, False, False), (False, True, False)]
+)
+def test_a_reference_image_anchors_every_window_unless_turned_off(
+    comfy,
+    stack,  # noqa: F811
+    monkeypatch,
+    image,
+    anchor,
+    anchored,
+):
+    from magihuman.nodes import samplers, super_resolution
+    from magihuman.pipeline.sampling.long_clips import generate_long, generate_long_sr
+
+    seen = []
+    monkeypatch.setattr(samplers, "generate_long", lambda dit, r: seen.append(r) or generate_long(dit, r))
+
+    def sr(dit, latent, r):
+        return seen.append(r) or generate_long_sr(dit, latent, r)
+
+    monkeypatch.setattr(super_resolution, "generate_long_sr", sr)
+    (windows,) = run(comfy, "LongClipWindows", window_seconds=0.96, overlap=1, window_prompts="",
+                     anchor_reference=anchor)  # fmt: skip
+    extra = dict(image=torch.rand(1, 64, 64, 3)) if image else {}
+    (cond,) = run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="a woman says hello",
+                  negative_prompt="static", **extra)  # fmt: skip
+    (latent,) = run(comfy, "DistillSampler", dit=stack["dit"], conditioning=cond, seconds=2.0, width=64,
+                    height=64, seed=1, steps=1, shift=5.0, vae=stack["vae"], windows=windows)  # fmt: skip
+    run(comfy, "SuperResolution", sr_dit=stack["sr_dit"], latent=latent, conditioning=cond, target="custom",
+        width=128, height=128, seed=2, steps=1, shift=5.0, noise_index=220, audio_noise_scale=0.7, sr_cfg=1.0,
+        cfg_trick_frames=13, cfg_trick_value=2.0, vae=stack["vae"], windows=windows)  # fmt: skip
+    assert [r.windows.anchor for r in seen] == [anchored, anchored]
+    assert latent.video.shape[2] == 13  # 2 s: 51 frames, 13 latents, cut into windows of 7 either way
