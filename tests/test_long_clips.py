@@ -12,12 +12,19 @@ from magihuman.pipeline.codecs.text_encoder import TextEmbedding
 from magihuman.pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
 from magihuman.pipeline.demo import build_models
 from magihuman.pipeline.dit.loading import load_dit
-from magihuman.pipeline.media.files import read_audio, write_wav
+from magihuman.pipeline.media.files import read_audio, write_mp4, write_wav
+from magihuman.pipeline.sampling.latent import MagiLatent
 from magihuman.pipeline.sampling.long_clips import generate_long, generate_long_sr
 from magihuman.pipeline.sampling.loops import Hooks
 from magihuman.pipeline.sampling.requests import BaseRequest, SRRequest
 from magihuman.pipeline.sampling.sizes import clip_size
-from magihuman.pipeline.sampling.stages import decode, decode_audio, driving_audio, generate_base
+from magihuman.pipeline.sampling.stages import (
+    decode,
+    decode_audio,
+    decode_stream,
+    driving_audio,
+    generate_base,
+)
 from magihuman.pipeline.sampling.super_resolution import SRSettings
 from magihuman.pipeline.sampling.windows import WindowSettings, plan_windows
 
@@ -325,3 +332,26 @@ def test_a_minute_of_driving_audio_gives_a_minute_of_clip_with_that_sound():
     frames, sound = decode(long, FrameCounter(), None)
     assert frames.shape[0] == 1501 and sound["waveform"].shape == voice["waveform"].shape  # 60.04 s both
     assert torch.allclose(sound["waveform"], voice["waveform"], atol=1e-5)
+
+
+def test_a_long_clip_decodes_one_window_at_a_time_into_the_same_mp4(stack, tmp_path):
+    from magihuman.pipeline.codecs.wan_vae import load_wan_vae
+
+    latent = MagiLatent(torch.randn(1, 48, 19, 4, 4), torch.randn(1, 77, 64), 2.88)
+    frames, sound = decode(latent, stack["turbo"], stack["audio_vae"])
+    pieces, streamed_sound = decode_stream(latent, stack["turbo"], stack["audio_vae"])
+    pieces = list(pieces)
+    assert [p.shape[0] for p in pieces] == [25, 28, 20]  # latents 7, 7, 5 (padded to 7, its padding cut)
+    assert torch.equal(torch.cat(pieces), frames) and frames.shape == (73, 64, 64, 3)
+    assert torch.equal(streamed_sound["waveform"], sound["waveform"])
+    whole = write_mp4(tmp_path / "whole.mp4", frames, sound)
+    streamed = write_mp4(tmp_path / "streamed.mp4", iter(pieces), sound)
+    assert streamed.read_bytes() == whole.read_bytes()
+
+    wan = load_wan_vae(stack["models"] / "vae" / "Wan2.2_VAE.pth", dtype=torch.float32)
+    short = replace(latent, video=latent.video[:, :, :3])
+    frames, _ = decode(short, wan, stack["audio_vae"])
+    pieces, _ = decode_stream(short, wan, stack["audio_vae"])
+    pieces = list(pieces)
+    assert [p.shape[0] for p in pieces] == [1, 4, 4]  # one latent frame at a time (causal cache)
+    assert torch.equal(torch.cat(pieces), frames)
