@@ -2,6 +2,8 @@
 prompts, a sampler as long as its driving audio, windowed super-resolution, one progress bar over every
 window, and Cancel inside a later window."""
 
+import os
+
 import pytest
 import torch
 from test_nodes import node, run, stack  # noqa: F401  (stack is a fixture)
@@ -105,3 +107,22 @@ def test_a_reference_image_anchors_every_window_unless_turned_off(
         cfg_trick_frames=13, cfg_trick_value=2.0, vae=stack["vae"], windows=windows)  # fmt: skip
     assert [r.windows.anchor for r in seen] == [anchored, anchored]
     assert latent.video.shape[2] == 13  # 2 s: 51 frames, 13 latents, cut into windows of 7 either way
+
+
+def test_decode_to_file_writes_the_same_mp4_as_decoded_frames(comfy, stack, tmp_path, monkeypatch):  # noqa: F811
+    from magihuman.pipeline.media.files import write_mp4
+
+    monkeypatch.setattr(comfy.folder_paths, "temp_directory", str(tmp_path / "temp"))
+    latent, _, _ = long_sample(comfy, stack)
+    video, audio = run(comfy, "DecodeToFile", latent=latent, vae=stack["vae"], audio_vae=stack["audio_vae"],
+                       decoder="turbo")  # fmt: skip
+    path = video.get_stream_source()
+    assert os.path.dirname(path) == str(tmp_path / "temp") and path.endswith(".mp4")
+    frames, sound, _ = run(comfy, "Decode", latent=latent, vae=stack["vae"], audio_vae=stack["audio_vae"],
+                           decoder="turbo", offload_frames=False, tile=0)  # fmt: skip
+    assert torch.equal(audio["waveform"], sound["waveform"])  # the driving audio, cut to the 73 frames
+    whole = write_mp4(tmp_path / "whole.mp4", frames, sound)
+    assert open(path, "rb").read() == whole.read_bytes()
+    with pytest.raises(ValueError, match="wan decoder was not loaded"):
+        run(comfy, "DecodeToFile", latent=latent, vae=type(stack["vae"])(stack["vae"].turbo, None),
+            audio_vae=stack["audio_vae"], decoder="wan")  # fmt: skip
