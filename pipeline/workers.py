@@ -380,8 +380,12 @@ class WorkerPool:
     def _failed(self, error: BaseException) -> WorkerError:
         time.sleep(0.5)  # a killed worker's exit code and last words arrive just after the broken connection
         states = [w.state() for w in self.workers]
+        gone = [s for s in states if not s.endswith("is running")] or [
+            f"{w.name} is still running but stopped answering (stuck, or slower than the {self.timeout_s:.0f} s "
+            "a rank waits for another)"
+            for w in self.workers
+        ]
         self.shutdown()
-        gone = [s for s in states if not s.endswith("is running")] or states
         return WorkerError(
             f"MagiHuman: the run over {self.world} devices failed ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}); {'; '.join(gone)}. {ADVICE}"

@@ -121,6 +121,25 @@ def test_a_killed_worker_ends_the_run_clearly_and_the_next_run_starts_fresh_work
     assert two.workers.pids() != [pid]
 
 
+def test_a_stuck_worker_ends_the_run_after_the_group_timeout(comfy, two, cond, reference, monkeypatch):
+    two.workers.timeout_s = 5.0  # the node's default is 120 s; taken by the next run's group
+    (pid,) = two.workers.pids()
+    on_step(comfy, monkeypatch, 2, lambda: os.kill(pid, signal.SIGSTOP))
+    try:
+        with pytest.raises(WorkerError) as error:
+            sample(comfy, two, cond)
+    finally:
+        two.workers.timeout_s = 120.0
+    for words in (
+        f"worker 1 (process {pid}, cpu) is still running but stopped answering",
+        "next run starts fresh",
+    ):
+        assert words in str(error.value)
+    assert not two.workers.started and not alive(pid)  # the stopped process was killed
+    monkeypatch.undo()
+    assert_matches(sample(comfy, two, cond), reference)
+
+
 def test_shutdown_and_garbage_collection_leave_no_live_worker(comfy, two):
     two.workers.start()
     two.workers.wait_ready()
