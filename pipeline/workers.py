@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def join(config: WorkerConfig, run: int) -> None:
     )  # fmt: skip
 
 
-def collective_cancel(local) -> callable:
+def collective_cancel(local: Callable[[], None] | None) -> Callable[[], None]:
     """``check_cancel`` for every rank: rank 0 runs ``local`` (its own check) and broadcasts whether it
     raised; every rank then raises (rank 0 its own exception, workers :class:`StageCancelled`) or goes on."""
 
@@ -381,8 +382,8 @@ class WorkerPool:
         time.sleep(0.5)  # a killed worker's exit code and last words arrive just after the broken connection
         states = [w.state() for w in self.workers]
         gone = [s for s in states if not s.endswith("is running")] or [
-            f"{w.name} is still running but stopped answering (stuck, or slower than the {self.timeout_s:.0f} s "
-            "a rank waits for another)"
+            f"{w.name} is still running but stopped answering (stuck, or slower than the "
+            f"{self.timeout_s:.0f} s a rank waits for another)"
             for w in self.workers
         ]
         self.shutdown()

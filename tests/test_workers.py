@@ -94,6 +94,22 @@ def test_two_processes_sample_what_one_does_and_the_workers_stay(comfy, two, con
     assert_matches(sample(comfy, two, cond), reference)
 
 
+def test_super_resolution_on_two_processes_matches_one(comfy, cond, reference):
+    inputs = dict(model="540p_sr_fp8/", variant="auto", compute="auto", attention="sdpa", swap_layers=0)
+    results = []
+    for gpus in (1, 2):
+        sr_dit = run(comfy, "DiTLoader", **inputs, gpus=gpus)[0]
+        (sr,) = run(comfy, "SuperResolution", sr_dit=sr_dit, latent=reference, conditioning=cond,
+                    target={"target": "custom", "width": 128, "height": 96}, seed=2, steps=3, shift=5.0,
+                    noise_index=220, audio_noise_scale=0.7, sr_cfg=1.0, cfg_trick_frames=13,
+                    cfg_trick_value=2.0)  # fmt: skip
+        results.append(sr)
+        if sr_dit.workers is not None:
+            sr_dit.workers.shutdown()
+    assert results[1].video.shape == (1, 48, 7, 6, 8)
+    torch.testing.assert_close(results[1].video, results[0].video, rtol=0, atol=3e-2)
+
+
 def test_cancel_stops_every_rank_and_the_next_run_works(comfy, two, cond, reference, monkeypatch):
     pids = two.workers.pids()
     calls = on_step(comfy, monkeypatch, 2, lambda: comfy.mm.interrupt_current_processing(True))
