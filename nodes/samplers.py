@@ -117,7 +117,11 @@ def run_base_stage(dit: LoadedDiT, cond: MagiConditioning, vaes: tuple, widgets:
         steps=widgets["steps"], shift=widgets["shift"], guidance=guidance or Guidance(), audio=sound,
         windows=windows, prompts=long.prompts,
     )  # fmt: skip
-    latent = generate_long(model, request).check_finite(f"{mode} sampling", dit.description)
+    if dit.workers is None:
+        latent = generate_long(model, request)
+    else:  # every device runs the stage, this process returns it
+        latent = dit.workers.run("base", model, request)
+    latent = latent.check_finite(f"{mode} sampling", dit.description)
     return latent.to(mm.intermediate_device())
 
 
