@@ -271,6 +271,11 @@ def _add_generate(subparsers) -> None:
         "--window-prompt", action="append", default=[], metavar="PROMPT",
         help="long clips: the prompt of the next window (repeat; the last one serves the windows after it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-anchor", action="store_true",
+        help="long clips with --image: only the first window holds the reference image (default: every "
+        "window holds it in its first latent slot, keeping the identity over the whole clip)",
+    )  # fmt: skip
     parser.add_argument("--width", type=int, default=448, help="base width, multiple of 32 (default 448)")
     parser.add_argument("--height", type=int, default=256, help="base height, multiple of 32 (default 256)")
     parser.add_argument(
@@ -382,7 +387,8 @@ def _run_generate(args) -> int:
         request = Request(
             args.prompt, args.seconds, args.width, args.height, args.mode, args.seed, args.steps,
             args.negative or NEGATIVE_PROMPT, _sr_size(args.sr), args.image, args.audio, args.decoder,
-            args.compute, args.swap_layers, plan, WindowSettings(args.window_seconds, args.overlap),
+            args.compute, args.swap_layers, plan,
+            WindowSettings(args.window_seconds, args.overlap, args.image is not None and not args.no_anchor),
             tuple(args.window_prompt),
         )  # fmt: skip
         check_request(request)  # the values first, before the models are even looked up

@@ -7,7 +7,7 @@ from comfy_api.latest import ComfyExtension
 
 from ..pipeline.media.example_voice import install_example_voice
 from .conditioning import TextEncode
-from .decode import Decode
+from .decode import Decode, DecodeToFile
 from .download import DownloadModels
 from .loaders import AudioVAELoader, DiTLoader, TextEncoderLoader, VAELoader
 from .samplers import BaseSampler, DistillSampler
@@ -24,6 +24,7 @@ NODES = [
     BaseSampler,
     SuperResolution,
     Decode,
+    DecodeToFile,
     DownloadModels,
     LongClipWindows,
 ]

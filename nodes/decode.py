@@ -1,13 +1,18 @@
-"""The decode node: a MagiHuman latent to frames (IMAGE), sound (AUDIO, 44.1 kHz stereo) and a VIDEO that
-goes straight into core SaveVideo."""
+"""The decode nodes: a MagiHuman latent to frames (IMAGE), sound (AUDIO, 44.1 kHz stereo) and a VIDEO that
+goes straight into core SaveVideo; or, for long clips, to a VIDEO file written window by window, which never
+holds the clip's frames."""
 
+import os
+import uuid
 from fractions import Fraction
 
+import folder_paths
 from comfy_api.latest import InputImpl, Types, io
 
 from ..fp8.errors import InputError
+from ..pipeline.media.files import write_mp4
 from ..pipeline.sampling.sizes import FPS
-from ..pipeline.sampling.stages import decode
+from ..pipeline.sampling.stages import decode, decode_stream
 from .memory import module_bytes, on_device
 from .types import AUDIO_VAE, LATENT, VIDEO_VAE
 
@@ -55,11 +60,7 @@ class Decode(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, vae, audio_vae, decoder, offload_frames, tile) -> io.NodeOutput:
-        model = vae.turbo if decoder == "turbo" else vae.wan
-        if model is None:
-            raise InputError(
-                f"the {decoder} decoder was not loaded: set it in the MagiHuman Video VAE Loader"
-            )
+        model = video_decoder(vae, decoder)
         options = {"offload_to": "cpu"} if decoder == "turbo" and offload_frames else {}
         if decoder == "wan" and tile:
             options = {"tile": tile}
@@ -69,3 +70,47 @@ class Decode(io.ComfyNode):
             Types.VideoComponents(images=frames, audio=sound, frame_rate=Fraction(FPS))
         )
         return io.NodeOutput(frames, sound, video)
+
+
+def video_decoder(vae, decoder: str):
+    model = vae.turbo if decoder == "turbo" else vae.wan
+    if model is None:
+        raise InputError(f"the {decoder} decoder was not loaded: set it in the MagiHuman Video VAE Loader")
+    return model
+
+
+class DecodeToFile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MagiHumanDecodeToFile",
+            display_name="MagiHuman Decode to Video File",
+            category="MagiHuman",
+            description="For long clips: decodes a MagiHuman latent window by window straight into an mp4 "
+            "(H.264 + AAC, 25 fps) in ComfyUI's temp folder and gives it as a VIDEO for SaveVideo. Memory "
+            "stays that of one decoder window at any length (MagiHuman Decode holds every frame as an "
+            "IMAGE: 1.4 MB a frame at 448x256, 25 MB at 1080p).",
+            inputs=[
+                LATENT.Input("latent", tooltip="From a MagiHuman sampler or super-resolution."),
+                VIDEO_VAE.Input("vae", tooltip="From MagiHuman Video VAE Loader."),
+                AUDIO_VAE.Input("audio_vae", tooltip="From MagiHuman Audio VAE Loader."),
+                io.Combo.Input(
+                    "decoder",
+                    options=["turbo", "wan"],
+                    default="turbo",
+                    tooltip="turbo: the fast Turbo VAE decoder (official default); wan: the full "
+                    "Wan2.2 VAE decoder (slower, heavier).",
+                ),
+            ],  # fmt: skip
+            outputs=[io.Video.Output(display_name="video"), io.Audio.Output(display_name="audio")],
+        )
+
+    @classmethod
+    def execute(cls, latent, vae, audio_vae, decoder) -> io.NodeOutput:
+        model = video_decoder(vae, decoder)
+        path = os.path.join(folder_paths.get_temp_directory(), f"magihuman_{uuid.uuid4().hex[:12]}.mp4")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with on_device(model, module_bytes(model)), on_device(audio_vae, module_bytes(audio_vae)):
+            frames, sound = decode_stream(latent, model, audio_vae)
+            write_mp4(path, frames, sound)  # the frames are decoded as the file is written
+        return io.NodeOutput(InputImpl.VideoFromFile(path), sound)

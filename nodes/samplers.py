@@ -103,20 +103,25 @@ def run_base_stage(dit: LoadedDiT, cond: MagiConditioning, vaes: tuple, widgets:
         log.warning("the %s sampler is running the %s DiT (%s)", mode, dit.variant, dit.description)
     long = widgets.get("windows") or DEFAULT_LONG_CLIP
     size = clip_size(clip_seconds(widgets["seconds"], cond), widgets["width"], widgets["height"])
-    image, sound = conditioning_latents(cond, size, *vaes, long.settings)
+    windows = long.windows(reference=cond.image is not None)
+    image, sound = conditioning_latents(cond, size, *vaes, windows)
     model = dit.managed.use()
     device = mm.get_torch_device()
     if batch == "auto":
-        frames = min(size.latent_frames, long.settings.latent_frames)  # a long clip runs one window at a time
+        frames = min(size.latent_frames, windows.latent_frames)  # a long clip runs one window at a time
         tokens = frames * size.latent_height * size.latent_width // 4 + 4 * (frames - 1) + 1 + 640
         batch = "batched" if mm.get_free_memory(device) > 3 * tokens * BYTES_PER_TOKEN else "sequential"
     request = BaseRequest(
         size=size, text=cond.prompt, seed=widgets["seed"], negative=cond.negative, image_latent=image,
         hooks=sampling_hooks(widgets["steps"]), device=device, batch_cfg=batch == "batched", mode=mode,
         steps=widgets["steps"], shift=widgets["shift"], guidance=guidance or Guidance(), audio=sound,
-        windows=long.settings, prompts=long.prompts,
+        windows=windows, prompts=long.prompts,
     )  # fmt: skip
-    latent = generate_long(model, request).check_finite(f"{mode} sampling", dit.description)
+    if dit.workers is None:
+        latent = generate_long(model, request)
+    else:  # every device runs the stage, this process returns it
+        latent = dit.workers.run("base", model, request)
+    latent = latent.check_finite(f"{mode} sampling", dit.description)
     return latent.to(mm.intermediate_device())
 
 

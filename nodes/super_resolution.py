@@ -151,8 +151,12 @@ class SuperResolution(io.ComfyNode):
         request = SRRequest(
             size=size, text=conditioning.prompt, seed=widgets["seed"], negative=conditioning.negative,
             image_latent=image, hooks=sampling_hooks(settings.steps), device=mm.get_torch_device(),
-            settings=settings, windows=(windows or DEFAULT_LONG_CLIP).settings,
+            settings=settings, windows=(windows or DEFAULT_LONG_CLIP).windows(image is not None),
         )  # fmt: skip
-        result = generate_long_sr(sr_dit.managed.use(), latent, request)
+        model = sr_dit.managed.use()
+        if sr_dit.workers is None:
+            result = generate_long_sr(model, latent, request)
+        else:  # every device runs the stage, this process returns it
+            result = sr_dit.workers.run("sr", model, latent, request)
         result.check_finite("super-resolution", sr_dit.description)
         return io.NodeOutput(result.to(mm.intermediate_device()))

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..pipeline.codecs.text_encoder import TextEmbedding, TextEncoder
 from ..pipeline.codecs.turbo_vae import TurboVAEDecoder
 from ..pipeline.codecs.wan_vae import WanVAE
+from ..pipeline.workers import WorkerPool
 from .memory import Managed
 
 DIT = io.Custom("MAGIHUMAN_DIT")
@@ -24,6 +25,7 @@ class LoadedDiT:
     managed: Managed  # the MagiDiT, known to ComfyUI's memory manager
     variant: str
     description: str  # e.g. "distill_fp8/ (published FP8, Fp8Linear(auto))"
+    workers: WorkerPool | None = None  # gpus > 1: the other devices' replicas, shut down with this object
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 per-window prompts (one line per window) so the dialogue can move on."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from comfy_api.latest import io
 
@@ -22,8 +22,14 @@ class LongClip:
     settings: WindowSettings
     prompts: tuple[TextEmbedding, ...]  # one per window, the last serving the rest; () = the main prompt
 
+    def windows(self, reference: bool) -> WindowSettings:
+        """The window settings for a clip with (``reference``) or without a reference image: ``anchor``
+        here is the user's choice, which holds only where there is a reference image."""
+        return replace(self.settings, anchor=self.settings.anchor and reference)
 
-DEFAULT_LONG_CLIP = LongClip(DEFAULT_WINDOWS, ())
+
+# By default a reference image conditions every window, not only the first.
+DEFAULT_LONG_CLIP = LongClip(replace(DEFAULT_WINDOWS, anchor=True), ())
 
 
 class LongClipWindows(io.ComfyNode):
@@ -68,13 +74,29 @@ class LongClipWindows(io.ComfyNode):
                     optional=True,
                     tooltip="Needed with window prompts: From MagiHuman T5-Gemma Loader.",
                 ),
+                io.Boolean.Input(
+                    "anchor_reference",
+                    default=True,
+                    optional=True,
+                    tooltip="With a reference image: every window holds it clean in its first latent "
+                    "slot, before the previous window's frames, so the identity stays the reference's "
+                    "over the whole clip (windows then advance one latent frame less). Off: only the "
+                    "first window sees it. No effect without a reference image.",
+                ),
             ],  # fmt: skip
             outputs=[WINDOWS.Output(display_name="windows")],
         )
 
     @classmethod
-    def execute(cls, window_seconds, overlap, window_prompts, text_encoder: LoadedTextEncoder | None = None):
-        settings = WindowSettings(round(window_seconds, 2), overlap)
+    def execute(
+        cls,
+        window_seconds,
+        overlap,
+        window_prompts,
+        text_encoder: LoadedTextEncoder | None = None,
+        anchor_reference=True,
+    ):
+        settings = WindowSettings(round(window_seconds, 2), overlap, anchor_reference)
         lines = [line.strip() for line in window_prompts.splitlines() if line.strip()]
         if lines and text_encoder is None:
             raise InputError("window prompts need the text encoder: connect a MagiHuman T5-Gemma Loader")

@@ -25,7 +25,7 @@ from .sampling.long_clips import generate_long, generate_long_sr
 from .sampling.loops import Hooks
 from .sampling.requests import BaseRequest, SRRequest
 from .sampling.sizes import clip_size
-from .sampling.stages import decode, driving_audio, reference_latent
+from .sampling.stages import decode_stream, driving_audio, reference_latent
 from .sampling.windows import DEFAULT_WINDOWS, WindowSettings
 from .weights.catalogue import MODEL_FILES, missing_file_message
 
@@ -194,10 +194,10 @@ def run(
                 decoder = load_turbo_vae(*turbo_files(paths.turbo_vae), device=device, dtype=dtype)
             else:
                 decoder = wan or load_wan_vae(paths.wan_vae, device, dtype)
-            frames, audio = decode(latent, decoder, audio_vae)
-            done(f"decoding ({name})")
+            frames, audio = decode_stream(latent, decoder, audio_vae)  # decoded while the mp4 is written
             first = name == decoders[0]
             write_mp4(staged["mp4" if first else name], frames, audio)
+            done(f"decoding ({name})")
             if first:
                 write_wav(staged["wav"], audio)
             _free(decoder)

@@ -19,13 +19,14 @@ def demo_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def comfy(demo_models):
+def comfy(demo_models, tmp_path_factory):
     """The fake ComfyUI modules and the pack's ``nodes`` imported under them; removed afterwards so no other
     test sees a ``comfy`` module."""
     sys.path.insert(0, str(FAKE))
     try:
         folder_paths = importlib.import_module("folder_paths")
         folder_paths.set_models_dir(demo_models)
+        folder_paths.temp_directory = str(tmp_path_factory.mktemp("comfy_temp"))
         namespace = SimpleNamespace(
             folder_paths=folder_paths,
             mm=importlib.import_module("comfy.model_management"),

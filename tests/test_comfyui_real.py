@@ -38,6 +38,7 @@ NODE_IDS = {
     "MagiHumanSuperResolution",
     "MagiHumanLongClipWindows",
     "MagiHumanDecode",
+    "MagiHumanDecodeToFile",
     "MagiHumanDownloadModels",
 }
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -81,6 +82,7 @@ def test_every_node_is_listed_under_the_magihuman_category(object_info):
     ours = {name for name, info in object_info.items() if info["category"].startswith("MagiHuman")}
     assert ours == NODE_IDS
     assert object_info["MagiHumanDecode"]["output"] == ["IMAGE", "AUDIO", "VIDEO"]
+    assert object_info["MagiHumanDecodeToFile"]["output"] == ["VIDEO", "AUDIO"]
     assert object_info["MagiHumanDistillSampler"]["output"] == ["MAGIHUMAN_LATENT"]
 
 

@@ -2,6 +2,8 @@
 prompts, a sampler as long as its driving audio, windowed super-resolution, one progress bar over every
 window, and Cancel inside a later window."""
 
+import os
+
 import pytest
 import torch
 from test_nodes import node, run, stack  # noqa: F401  (stack is a fixture)
@@ -70,3 +72,57 @@ def test_cancel_inside_a_later_window_stops_the_run(comfy, stack, monkeypatch): 
     with pytest.raises(comfy.mm.InterruptProcessingException):
         long_sample(comfy, stack)
     assert [u[0] for u in comfy.utils.bars[-1].updates] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "image, anchor, anchored", [(True, True, True), (True, False, False), (False, True, False)]
+)
+def test_a_reference_image_anchors_every_window_unless_turned_off(
+    comfy,
+    stack,  # noqa: F811
+    monkeypatch,
+    image,
+    anchor,
+    anchored,
+):
+    from magihuman.nodes import samplers, super_resolution
+    from magihuman.pipeline.sampling.long_clips import generate_long, generate_long_sr
+
+    seen = []
+    monkeypatch.setattr(samplers, "generate_long", lambda dit, r: seen.append(r) or generate_long(dit, r))
+
+    def sr(dit, latent, r):
+        return seen.append(r) or generate_long_sr(dit, latent, r)
+
+    monkeypatch.setattr(super_resolution, "generate_long_sr", sr)
+    (windows,) = run(comfy, "LongClipWindows", window_seconds=0.96, overlap=1, window_prompts="",
+                     anchor_reference=anchor)  # fmt: skip
+    extra = dict(image=torch.rand(1, 64, 64, 3)) if image else {}
+    (cond,) = run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="a woman says hello",
+                  negative_prompt="static", **extra)  # fmt: skip
+    (latent,) = run(comfy, "DistillSampler", dit=stack["dit"], conditioning=cond, seconds=2.0, width=64,
+                    height=64, seed=1, steps=1, shift=5.0, vae=stack["vae"], windows=windows)  # fmt: skip
+    run(comfy, "SuperResolution", sr_dit=stack["sr_dit"], latent=latent, conditioning=cond, target="custom",
+        width=128, height=128, seed=2, steps=1, shift=5.0, noise_index=220, audio_noise_scale=0.7, sr_cfg=1.0,
+        cfg_trick_frames=13, cfg_trick_value=2.0, vae=stack["vae"], windows=windows)  # fmt: skip
+    assert [r.windows.anchor for r in seen] == [anchored, anchored]
+    assert latent.video.shape[2] == 13  # 2 s: 51 frames, 13 latents, cut into windows of 7 either way
+
+
+def test_decode_to_file_writes_the_same_mp4_as_decoded_frames(comfy, stack, tmp_path, monkeypatch):  # noqa: F811
+    from magihuman.pipeline.media.files import write_mp4
+
+    monkeypatch.setattr(comfy.folder_paths, "temp_directory", str(tmp_path / "temp"))
+    latent, _, _ = long_sample(comfy, stack)
+    video, audio = run(comfy, "DecodeToFile", latent=latent, vae=stack["vae"], audio_vae=stack["audio_vae"],
+                       decoder="turbo")  # fmt: skip
+    path = video.get_stream_source()
+    assert os.path.dirname(path) == str(tmp_path / "temp") and path.endswith(".mp4")
+    frames, sound, _ = run(comfy, "Decode", latent=latent, vae=stack["vae"], audio_vae=stack["audio_vae"],
+                           decoder="turbo", offload_frames=False, tile=0)  # fmt: skip
+    assert torch.equal(audio["waveform"], sound["waveform"])  # the driving audio, cut to the 73 frames
+    whole = write_mp4(tmp_path / "whole.mp4", frames, sound)
+    assert open(path, "rb").read() == whole.read_bytes()
+    with pytest.raises(ValueError, match="wan decoder was not loaded"):
+        run(comfy, "DecodeToFile", latent=latent, vae=type(stack["vae"])(stack["vae"].turbo, None),
+            audio_vae=stack["audio_vae"], decoder="wan")  # fmt: skip

@@ -12,12 +12,19 @@ from magihuman.pipeline.codecs.text_encoder import TextEmbedding
 from magihuman.pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
 from magihuman.pipeline.demo import build_models
 from magihuman.pipeline.dit.loading import load_dit
-from magihuman.pipeline.media.files import read_audio, write_wav
+from magihuman.pipeline.media.files import read_audio, write_mp4, write_wav
+from magihuman.pipeline.sampling.latent import MagiLatent
 from magihuman.pipeline.sampling.long_clips import generate_long, generate_long_sr
 from magihuman.pipeline.sampling.loops import Hooks
 from magihuman.pipeline.sampling.requests import BaseRequest, SRRequest
 from magihuman.pipeline.sampling.sizes import clip_size
-from magihuman.pipeline.sampling.stages import decode, decode_audio, driving_audio, generate_base
+from magihuman.pipeline.sampling.stages import (
+    decode,
+    decode_audio,
+    decode_stream,
+    driving_audio,
+    generate_base,
+)
 from magihuman.pipeline.sampling.super_resolution import SRSettings
 from magihuman.pipeline.sampling.windows import WindowSettings, plan_windows
 
@@ -66,8 +73,10 @@ def tone(seconds: float, rate: int = 44100) -> dict:
 
 @pytest.mark.parametrize("seconds", [0.04, 0.96, 1.0, 2.88, 3.0, 9.96, 20.0, 60.0, 600.0])
 @pytest.mark.parametrize(
-    "window", [WindowSettings(), WINDOW, WindowSettings(0.96, 3), WindowSettings(4.0, 2)]
-)
+    "window",
+    [WindowSettings(), WINDOW, WindowSettings(0.96, 3), WindowSettings(4.0, 2), WindowSettings(0.96, 1, True),
+     WindowSettings(0.96, 5, True)],
+)  # fmt: skip
 def test_windows_cover_the_clip_exactly_once(seconds, window):
     size = clip_size(seconds, 64, 64)
     windows = plan_windows(size, window)
@@ -76,7 +85,8 @@ def test_windows_cover_the_clip_exactly_once(seconds, window):
     assert frames == list(range(size.latent_frames))  # no gap, no overlap, in order
     assert audio == list(range(size.audio_frames))
     for previous, w in zip(windows, windows[1:], strict=False):
-        assert w.held == window.overlap and w.start == previous.start + previous.size.latent_frames - w.held
+        assert w.held == window.overlap + window.anchor
+        assert w.start == previous.start + previous.size.latent_frames - w.held
         assert w.audio_start + w.held_audio == previous.audio_start + previous.size.audio_frames
     assert all(w.size.latent_frames <= max(window.latent_frames, size.latent_frames) for w in windows)
     assert windows[0].held == 0 and (len(windows) == 1) == (size.latent_frames <= window.latent_frames)
@@ -90,6 +100,49 @@ def test_windows_cover_the_clip_exactly_once(seconds, window):
 def test_bad_window_settings_are_explained(seconds, overlap, message):
     with pytest.raises(ValueError, match=message):
         WindowSettings(seconds, overlap)
+
+
+def test_an_anchored_window_leaves_a_slot_for_the_reference_and_needs_one():
+    with pytest.raises(ValueError, match="from 1 to 5 .*one slot going to the reference image"):
+        WindowSettings(0.96, 6, anchor=True)
+    with pytest.raises(ValueError, match="anchored to the reference image need one"):
+        request(windows=WindowSettings(0.96, 1, anchor=True))
+
+
+def test_the_reference_image_anchors_every_window_before_the_previous_frames(stack):
+    window = WindowSettings(0.96, 2, anchor=True)  # held: the reference, then 2 frames of the previous window
+    reference = torch.randn(1, 48, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    model = Recorder(stack["dit"])
+    long = generate_long(model, request(windows=window, image_latent=reference, steps=2))
+    windows = plan_windows(SIZE, window)
+    assert len(windows) == 4 and long.video.shape[2] == SIZE.latent_frames and long.audio.shape[1] == 73
+    assert torch.equal(long.video[:, :, :1], reference)  # window 0 starts from it, as a short clip does
+    for w in windows[1:]:
+        previous = long.video[:, :, w.start + 1 : w.start + w.held]  # the previous window's last 2 frames
+        sound = long.audio[:, w.audio_start : w.audio_start + w.held_audio]  # its sound over all 3 slots
+        for video, audio, _ in model.calls[2 * w.index : 2 * w.index + 2]:
+            assert torch.equal(video[:, :, :1], reference) and torch.equal(video[:, :, 1 : w.held], previous)
+            assert torch.equal(audio[:, : w.held_audio], sound)
+    # Off, the same clip holds only the previous frames after window 0: the reference is not seen again.
+    model = Recorder(stack["dit"])
+    generate_long(model, request(windows=WindowSettings(0.96, 2), image_latent=reference, steps=2))
+    assert not any(torch.equal(video[:, :, :1], reference) for video, _, _ in model.calls[2:])
+
+
+def test_anchored_super_resolution_holds_the_reference_at_the_sr_size_in_every_window(stack):
+    window = WindowSettings(0.96, 1, anchor=True)
+    base = generate_long(stack["dit"], request(windows=window, image_latent=torch.zeros(1, 48, 1, 4, 4)))
+    reference = torch.randn(1, 48, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    sr_size = clip_size(SIZE.seconds, 128, 128)
+    model = Recorder(stack["sr_dit"])
+    sr = SRRequest(size=sr_size, text=embedding(0), seed=3, windows=window, image_latent=reference,
+                   settings=SRSettings(steps=2))  # fmt: skip
+    long = generate_long_sr(model, base, sr)
+    assert long.video.shape == (1, 48, SIZE.latent_frames, 8, 8)
+    for w in plan_windows(sr_size, window)[1:]:
+        for video, _, _ in model.calls[2 * w.index : 2 * (w.index + 1)]:
+            assert torch.equal(video[:, :, :1], reference)
+            assert torch.equal(video[:, :, 1:2], long.video[:, :, w.start + 1 : w.start + 2])
 
 
 def test_a_three_window_run_equals_three_windows_chained_by_hand(stack):
@@ -220,7 +273,8 @@ def test_cli_generate_past_one_window_makes_one_lip_synced_clip(stack, tmp_path)
 @pytest.mark.parametrize(
     "extra, message",
     [(["--window-seconds", "1"], "window seconds must be a multiple of 0.16"),
-     (["--overlap", "9"], "window overlap must be"), (["--seconds", "700"], "at most 600")],
+     (["--overlap", "9"], "window overlap must be"), (["--seconds", "700"], "at most 600"),
+     (["--image", "face.png", "--overlap", "6"], "one slot going to the reference image")],
 )  # fmt: skip
 def test_cli_bad_window_arguments_fail_with_a_clear_message(stack, tmp_path, capsys, extra, message):
     args = [
@@ -278,3 +332,26 @@ def test_a_minute_of_driving_audio_gives_a_minute_of_clip_with_that_sound():
     frames, sound = decode(long, FrameCounter(), None)
     assert frames.shape[0] == 1501 and sound["waveform"].shape == voice["waveform"].shape  # 60.04 s both
     assert torch.allclose(sound["waveform"], voice["waveform"], atol=1e-5)
+
+
+def test_a_long_clip_decodes_one_window_at_a_time_into_the_same_mp4(stack, tmp_path):
+    from magihuman.pipeline.codecs.wan_vae import load_wan_vae
+
+    latent = MagiLatent(torch.randn(1, 48, 19, 4, 4), torch.randn(1, 77, 64), 2.88)
+    frames, sound = decode(latent, stack["turbo"], stack["audio_vae"])
+    pieces, streamed_sound = decode_stream(latent, stack["turbo"], stack["audio_vae"])
+    pieces = list(pieces)
+    assert [p.shape[0] for p in pieces] == [25, 28, 20]  # latents 7, 7, 5 (padded to 7, its padding cut)
+    assert torch.equal(torch.cat(pieces), frames) and frames.shape == (73, 64, 64, 3)
+    assert torch.equal(streamed_sound["waveform"], sound["waveform"])
+    whole = write_mp4(tmp_path / "whole.mp4", frames, sound)
+    streamed = write_mp4(tmp_path / "streamed.mp4", iter(pieces), sound)
+    assert streamed.read_bytes() == whole.read_bytes()
+
+    wan = load_wan_vae(stack["models"] / "vae" / "Wan2.2_VAE.pth", dtype=torch.float32)
+    short = replace(latent, video=latent.video[:, :, :3])
+    frames, _ = decode(short, wan, stack["audio_vae"])
+    pieces, _ = decode_stream(short, wan, stack["audio_vae"])
+    pieces = list(pieces)
+    assert [p.shape[0] for p in pieces] == [1, 4, 4]  # one latent frame at a time (causal cache)
+    assert torch.equal(torch.cat(pieces), frames)

@@ -72,7 +72,7 @@ def test_every_schema_builds_with_unique_ids_tooltips_and_one_category_root(comf
         assert schema.display_name and schema.description
         for i in schema.inputs:
             assert i.tooltip, f"{schema.node_id}.{i.id} has no tooltip"
-    assert len(ids) == len(set(ids)) == 11
+    assert len(ids) == len(set(ids)) == 12
 
 
 def test_our_objects_travel_on_our_own_socket_types(comfy):

@@ -3,7 +3,9 @@ links that match the node schemas; and each one executed end to end on the tiny 
 ComfyUI API and small sizes), as ComfyUI would run it."""
 
 import json
+import shutil
 from collections import deque
+from pathlib import Path
 
 import av
 import pytest
@@ -240,8 +242,11 @@ def execute(comfy, ours, node, inputs, output_dir, written):
         t = torch.arange(44100) / 44100
         return ({"waveform": torch.sin(2 * torch.pi * 200 * t).expand(1, 2, -1), "sample_rate": 44100},)
     if kind == "SaveVideo":
-        components = inputs["video"].get_components()
-        path = output_dir / f"{node['widgets_values'][0].replace('/', '_')}.mp4"
+        video, path = inputs["video"], output_dir / f"{node['widgets_values'][0].replace('/', '_')}.mp4"
+        if hasattr(video, "get_stream_source"):  # a file already (Decode to Video File): SaveVideo remuxes it
+            written.append(Path(shutil.copyfile(video.get_stream_source(), path)))
+            return ()
+        components = video.get_components()
         written.append(write_mp4(path, components.images, components.audio, int(components.frame_rate)))
         return ()
     cls, schema = ours[kind]

@@ -3,6 +3,7 @@ its JSON config and run over the latent frames in overlapping windows. Module na
 (``decoder.conv_in.conv.weight``, ``decoder.up_blocks.0.upsamplers.0.time_conv.conv.weight``, ...)."""
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,10 +252,17 @@ class TurboVAEDecoder(nn.Module):
         return self.decoder.conv_in.conv.weight.dtype
 
     def decode(self, latent: torch.Tensor, offload_to: torch.device | str | None = None) -> torch.Tensor:
-        """Sliding-window decode: the first window is 7 latent frames plus one of right context, later ones
-        7 frames plus one of context on each side; the 4 pixel frames of each context latent are cut. The
-        clip is padded with its last frame to 7 + 7n latents first. ``offload_to`` collects finished windows
-        there (e.g. "cpu" at 1080p to bound GPU memory)."""
+        """The whole clip from :meth:`stream`; ``offload_to`` collects finished windows there (e.g. "cpu"
+        at 1080p to bound GPU memory)."""
+        keep = (lambda x: x) if offload_to is None else (lambda x: x.to(offload_to))
+        return torch.cat([keep(piece) for piece in self.stream(latent)], dim=2)
+
+    def stream(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Sliding-window decode, one window's new pixel frames [1, 3, t, H, W] at a time (so a caller can
+        write a clip of any length in flat memory): the first window is 7 latent frames plus one of right
+        context, later ones 7 frames plus one of context on each side; the 4 pixel frames of each context
+        latent are cut. The clip is padded with its last frame to 7 + 7n latents first and the padding's
+        frames are cut from the last window."""
         c = self.config
         z = denormalize(latent.to(self.decoder.conv_in.conv.weight.device, self.dtype))
         frames = z.shape[2]
@@ -264,20 +272,17 @@ class TurboVAEDecoder(nn.Module):
         if pad:
             z = torch.cat([z, z[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
         total, overlap = frames + pad, c.temporal_compression
-        keep = lambda x: x if offload_to is None else x.to(offload_to)  # noqa: E731
+        cut = pad * c.temporal_compression  # pixel frames of the padding, all in the last window
         if total == c.first_chunk_size:
-            chunks = [keep(self.decoder(z, first_chunk=True))]
-        else:
-            chunks = [
-                keep(self.decoder(z[:, :, : c.first_chunk_size + 1], first_chunk=True)[:, :, :-overlap])
-            ]
-            for start in range(c.first_chunk_size, total, c.step_size):
-                last = start + c.step_size == total
-                window = z[:, :, start - 1 : start + c.step_size + (0 if last else 1)]
-                out = self.decoder(window, first_chunk=False)
-                chunks.append(keep(out[:, :, overlap:] if last else out[:, :, overlap:-overlap]))
-        video = torch.cat(chunks, dim=2)
-        return video[:, :, : video.shape[2] - pad * c.temporal_compression] if pad else video
+            out = self.decoder(z, first_chunk=True)
+            yield out[:, :, : out.shape[2] - cut]
+            return
+        yield self.decoder(z[:, :, : c.first_chunk_size + 1], first_chunk=True)[:, :, :-overlap]
+        for start in range(c.first_chunk_size, total, c.step_size):
+            last = start + c.step_size == total
+            window = z[:, :, start - 1 : start + c.step_size + (0 if last else 1)]
+            out = self.decoder(window, first_chunk=False)
+            yield out[:, :, overlap : out.shape[2] - cut] if last else out[:, :, overlap:-overlap]
 
 
 def turbo_state_dict(path: Path) -> dict[str, torch.Tensor]:

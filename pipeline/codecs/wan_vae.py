@@ -3,6 +3,7 @@ first frame). Encodes reference images/clips to normalised latent means and deco
 causal convolutions chunk by chunk with a feature cache scoped to one call. Module names are the keys of
 ``Wan2.2_VAE.pth`` (``encoder.downsamples.0.downsamples.0.residual.2.weight``, ...)."""
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,11 +318,22 @@ class WanVAE(nn.Module):
             return decode_tiled(self._decode, z, tile)
         return self._decode(z)
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+    def stream(self, latent: torch.Tensor, tile: int | None = None) -> Iterator[torch.Tensor]:
+        """The decode in pieces [1, 3, t, H, W]: one latent frame's pixel frames at a time (the decoder is
+        causal, carrying its cache from frame to frame), so a clip of any length is written in flat memory;
+        tiled, the whole clip at once (its tiles span every frame)."""
+        z = latent.to(self.conv1.weight.device, self.dtype)
+        if tile is not None and max(z.shape[-2:]) > tile:
+            yield decode_tiled(self._decode, z, tile)
+            return
         x = self.conv2(denormalize(z, self.dtype))
         cache: dict = {}
-        frames = [self.decoder(x[:, :, i : i + 1], cache, first_chunk=i == 0) for i in range(x.shape[2])]
-        return unpatchify(torch.cat(frames, dim=2)).float().clamp_(-1, 1)
+        for i in range(x.shape[2]):
+            frames = self.decoder(x[:, :, i : i + 1], cache, first_chunk=i == 0)
+            yield unpatchify(frames).float().clamp_(-1, 1)  # [1, 3, 1 or 4, H, W]
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(self.stream(z)), dim=2)
 
 
 def decode_tiled(decode, z: torch.Tensor, tile: int) -> torch.Tensor:

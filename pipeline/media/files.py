@@ -1,9 +1,11 @@
 """Results to files (an mp4 with H.264 video and AAC stereo sound through PyAV, a 16-bit wav), each written
 under a temporary name and renamed when complete; user pictures and sound read from files."""
 
+import itertools
 import logging
 import math
 import wave
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,22 +20,29 @@ log = logging.getLogger(__name__)
 
 
 def write_mp4(
-    path: str | Path, frames: torch.Tensor, audio: dict | None, fps: int = 25, overwrite: bool = False
+    path: str | Path,
+    frames: torch.Tensor | Iterable[torch.Tensor],
+    audio: dict | None,
+    fps: int = 25,
+    overwrite: bool = False,
 ) -> Path:
-    """``frames``: IMAGE [T, H, W, 3] in 0..1 (even H and W); ``audio``: AUDIO dict, muxed as AAC stereo.
-    An existing ``path`` is an error unless ``overwrite``."""
+    """``frames``: IMAGE [T, H, W, 3] in 0..1 (even H and W), or an iterable of such pieces encoded as they
+    come (a long clip never held whole); ``audio``: AUDIO dict, muxed as AAC stereo. An existing ``path`` is
+    an error unless ``overwrite``."""
     import av
 
     path = Path(path)
-    pixels = (frames.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()  # [T, H, W, 3]
+    pieces = iter([frames] if isinstance(frames, torch.Tensor) else frames)
+    first = next(pieces)
     with atomic_output(path, overwrite) as temporary, av.open(str(temporary), mode="w") as container:
         video = container.add_stream("libx264", rate=Fraction(fps))
-        video.width, video.height, video.pix_fmt = pixels.shape[2], pixels.shape[1], "yuv420p"
+        video.width, video.height, video.pix_fmt = first.shape[2], first.shape[1], "yuv420p"
         sound = None
         if audio is not None:
             sound = container.add_stream("aac", rate=audio["sample_rate"], layout="stereo")
-        for image in pixels:
-            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        for piece in itertools.chain([first], pieces):
+            for image in (piece.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy():  # [t, H, W, 3]
+                container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(video.encode())
         if sound is not None:
             samples = audio["waveform"][0].float().clamp(-1, 1).cpu().numpy()  # [2, N]

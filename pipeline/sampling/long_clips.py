@@ -10,7 +10,7 @@ import torch
 
 from .latent import MagiLatent
 from .loops import Hooks
-from .requests import DEFAULT_STEPS, BaseRequest, SRRequest
+from .requests import DEFAULT_STEPS, BaseRequest, SRRequest, StageRequest
 from .sizes import ClipSize
 from .stages import generate_base, generate_sr
 from .windows import Window, plan_windows
@@ -31,13 +31,23 @@ def start_window(hooks: Hooks, window: Window, count: int, steps: int) -> Hooks:
     return replace(hooks, on_step=lambda i, n, video, audio: on_step(offset + i, count * n, video, audio))
 
 
+def held_frames(previous: torch.Tensor, window: Window, request: StageRequest) -> torch.Tensor:
+    """The clean first latent frames [1, 48, held, h, w] of a window after the first: the previous window's
+    last ones, the first of them replaced by the reference image when it anchors every window."""
+    held = previous[:, :, -window.held :]
+    if not request.windows.anchor:
+        return held
+    return torch.cat([request.image_latent[:, :, :1].to(held), held[:, :, 1:]], dim=2)
+
+
 def generate_long(dit, request: BaseRequest) -> MagiLatent:
     """The base stage of a clip of any length: one :func:`generate_base` when it fits one window, else one
     per window. Window n is seeded ``seed + n``, uses ``request.prompts[n]`` (or the last prompt, or
     ``request.text``), and holds clean: the reference image (window 0) or the previous window's last
     ``overlap`` latent frames; with driving audio its slice of ``request.audio``'s latent, else the previous
     window's audio over the overlap. ``request.audio`` comes from :func:`.stages.driving_audio` with the same
-    ``windows``. The result's sound is the whole driving waveform itself."""
+    ``windows``. With ``windows.anchor`` the reference image also takes the first held slot of every window
+    (:func:`held_frames`). The result's sound is the whole driving waveform itself."""
     windows = plan_windows(request.size, request.windows)
     if len(windows) == 1 and not request.prompts:
         return generate_base(dit, request)
@@ -55,7 +65,7 @@ def generate_long(dit, request: BaseRequest) -> MagiLatent:
             prompts=(),
         )
         if previous is not None:
-            part = replace(part, image_latent=previous.video[:, :, -window.held :])
+            part = replace(part, image_latent=held_frames(previous.video, window, request))
         if audio_latent is not None:
             first = window.audio_start
             part = replace(part, audio=(audio_latent[:, first : first + window.size.audio_frames], None))
@@ -71,7 +81,8 @@ def generate_long(dit, request: BaseRequest) -> MagiLatent:
 def generate_long_sr(sr_dit, latent: MagiLatent, request: SRRequest) -> MagiLatent:
     """Super-resolution of a latent of any length, window by window like the base stage: window n refines
     its slice of the base latent (video and audio), holding clean the reference image at the SR size
-    (window 0) or the previous window's last SR latent frames. The sound is carried over unchanged."""
+    (window 0) or the previous window's last SR latent frames (anchored: with the reference first). The
+    sound is carried over unchanged."""
     windows = plan_windows(request.size, request.windows)
     if len(windows) == 1:
         return generate_sr(sr_dit, latent, request)
@@ -90,7 +101,7 @@ def generate_long_sr(sr_dit, latent: MagiLatent, request: SRRequest) -> MagiLate
             hooks=start_window(request.hooks, window, len(windows), steps),
         )
         if previous is not None:
-            part = replace(part, image_latent=previous[:, :, -window.held :])
+            part = replace(part, image_latent=held_frames(previous, window, request))
         base = MagiLatent(
             latent.video[:, :, window.start : window.start + size.latent_frames],
             latent.audio[:, window.audio_start : window.audio_start + size.audio_frames],

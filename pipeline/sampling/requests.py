@@ -37,6 +37,13 @@ class StageRequest:
     parallel: ParallelPlan | None = None
     windows: WindowSettings = DEFAULT_WINDOWS
 
+    def __post_init__(self):
+        if self.windows.anchor and self.image_latent is None:
+            raise ValueError(
+                "windows anchored to the reference image need one: give the reference image, or cut the "
+                "clip with anchor off"
+            )
+
 
 @dataclass(frozen=True)
 class BaseRequest(StageRequest):
@@ -55,6 +62,7 @@ class BaseRequest(StageRequest):
     prompts: tuple[TextEmbedding, ...] = ()
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "base" and self.negative is None:

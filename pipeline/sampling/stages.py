@@ -2,6 +2,7 @@
 image, driving audio), the base stage (distilled or guided), super-resolution, decoding to frames and
 sound."""
 
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -12,7 +13,7 @@ from ..media.frames import image_to_video_input, to_image
 from .latent import MagiLatent
 from .loops import LoopOptions, initial_noise, sample_distilled, sample_guided
 from .requests import DEFAULT_STEPS, BaseRequest, SRRequest, StageRequest
-from .sizes import ClipSize, check_steps
+from .sizes import TEMPORAL, ClipSize, check_steps
 from .super_resolution import sample_sr
 from .windows import DEFAULT_WINDOWS, WindowSettings, plan_windows
 
@@ -103,18 +104,35 @@ def parallel_dit(dit, request: StageRequest):
 def decode(
     latent: MagiLatent, video_decoder, audio_vae: OobleckVAE | None, **decode_options
 ) -> tuple[torch.Tensor, dict]:
-    """(IMAGE [T, H, W, 3] in 0..1, AUDIO {"waveform": [1, 2, N], "sample_rate": 44100}). The sound is the
-    driving audio itself when the clip was made from one, otherwise the decoded audio latent; it is cut to
-    the video's duration (the latents carry up to 3 frames more audio than the decoders give pictures)."""
+    """(IMAGE [T, H, W, 3] in 0..1, AUDIO {"waveform": [1, 2, N], "sample_rate": 44100}): see
+    :func:`clip_sound` for the sound."""
     frames = to_image(video_decoder.decode(latent.video, **decode_options)).cpu()
+    return frames, clip_sound(latent, audio_vae, frames.shape[0])
+
+
+def decode_stream(
+    latent: MagiLatent, video_decoder, audio_vae: OobleckVAE | None
+) -> tuple[Iterator[torch.Tensor], dict]:
+    """As :func:`decode`, but the frames come as an iterator of IMAGE pieces [t, H, W, 3], one decoder
+    window at a time, for a writer that takes them in turn: a clip of any length decodes in the memory of
+    one window (a minute at 1080p is 37 GB of float32 frames held whole)."""
+    frames = TEMPORAL * latent.video.shape[2] - (TEMPORAL - 1)  # both decoders give 4·F − 3
+    sound = clip_sound(latent, audio_vae, frames)
+    return (to_image(piece) for piece in video_decoder.stream(latent.video)), sound
+
+
+def clip_sound(latent: MagiLatent, audio_vae: OobleckVAE | None, frames: int) -> dict:
+    """The clip's AUDIO: the driving audio itself when the clip was made from one, otherwise the decoded
+    audio latent; cut to ``frames`` pictures' duration (the latents carry up to 3 frames more audio than
+    the decoders give pictures)."""
     if latent.source_audio is not None:
         sound = to_audio(latent.source_audio)
     elif audio_vae is None:
         raise ValueError("decoding the sound needs the audio VAE")
     else:
         sound = to_audio(decode_audio(audio_vae, latent.audio), SAMPLE_RATE)
-    samples = round(frames.shape[0] / latent.fps * sound["sample_rate"])
-    return frames, {"waveform": sound["waveform"][..., :samples], "sample_rate": sound["sample_rate"]}
+    samples = round(frames / latent.fps * sound["sample_rate"])
+    return {"waveform": sound["waveform"][..., :samples], "sample_rate": sound["sample_rate"]}
 
 
 AUDIO_CHUNK = 250  # audio latents (10 s) decoded at a time, so a long clip's sound takes flat memory

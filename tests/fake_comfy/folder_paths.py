@@ -5,6 +5,7 @@ import os
 supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 models_dir = ""
 input_directory = ""
+temp_directory = ""
 folder_names_and_paths: dict[str, tuple[list[str], set[str]]] = {}
 
 
@@ -52,3 +53,7 @@ def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: b
 
 def get_input_directory() -> str:
     return input_directory
+
+
+def get_temp_directory() -> str:
+    return temp_directory

@@ -36,5 +36,14 @@ class _VideoFromComponents:
         return self._components.images.shape[2], self._components.images.shape[1]
 
 
+class _VideoFromFile:
+    def __init__(self, file):
+        self.file = file
+
+    def get_stream_source(self):
+        return self.file
+
+
 class InputImpl:
     VideoFromComponents = _VideoFromComponents
+    VideoFromFile = _VideoFromFile
