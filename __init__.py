@@ -11,3 +11,6 @@ except ImportError:
 
 if comfy is not None:
     from .nodes import comfy_entrypoint  # noqa: F401
+
+# The frontend extension that loads workflows saved by older versions of the pack (web/legacy_widgets.js).
+WEB_DIRECTORY = "./web"

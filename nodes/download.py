@@ -38,7 +38,7 @@ class DownloadModels(io.ComfyNode):
                 io.Combo.Input(
                     "workflow",
                     options=[*WORKFLOW_FILES, ALL],
-                    default="t2v_distill",
+                    default="MagiHuman text to video (distilled)",
                     tooltip="The example workflow to get models for (the DiT, the text encoder and the "
                     "VAEs it loads); 'all models' fetches every model the pack can use (about 80 GB).",
                 ),

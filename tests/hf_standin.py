@@ -24,8 +24,8 @@ def blob(size: int, seed: int) -> bytes:
 
 
 def repos() -> dict[str, dict[str, bytes]]:
-    """Small stand-ins of the repositories t2v_distill needs, in their published layouts (plus files that
-    must not be fetched: other DiTs, T5-Gemma's decoder shard, READMEs)."""
+    """Small stand-ins of the repositories the distilled text-to-video workflow needs, in their published
+    layouts (plus files that must not be fetched: other DiTs, T5-Gemma's decoder shard, READMEs)."""
     index = {"weight_map": {"model.encoder.a": "model-00001-of-00002.safetensors",
                             "model.decoder.b": "model-00002-of-00002.safetensors"}}  # fmt: skip
     return {

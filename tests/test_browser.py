@@ -1,8 +1,9 @@
 """The pack in the real ComfyUI frontend, in a headless Chromium driven by Playwright, as a user meets it:
 every workflow opened from a file and from the Templates browser shows no missing node, no widget value its
 widget does not offer, no console error from the pack, and every node inside the visible canvas (not under
-the sidebar, the top bar or the minimap); t2v_distill then runs from the Run button to a Save Video preview
-on the tiny demo models. Screenshots go to $MAGIHUMAN_SCREENSHOTS (default: the test's temporary folder).
+the sidebar, the top bar or the minimap) at a readable zoom; the Templates cards show the workflows' titles;
+the distilled text-to-video workflow then runs from the Run button to a Save Video preview on the tiny demo
+models. Screenshots go to $MAGIHUMAN_SCREENSHOTS (default: the test's temporary folder).
 
 Runs with a real ComfyUI (COMFYUI_DIR, as the other real-ComfyUI tests) and a Chromium: $CHROMIUM, or
 Debian's chromium package (`apt-get install chromium`); Playwright's own browser download is not used.
@@ -65,7 +66,7 @@ INSPECT = (
     return {type: n.type, known: n.type in LiteGraph.registered_node_types, bad, rect: [x, y, x2, y2]};
   });
   const overlays = OVERLAYS.map(s => [s, box(s)]).filter(([, r]) => r && r[2] > r[0] && r[3] > r[1]);
-  return {nodes, overlays, window: [innerWidth, innerHeight]};
+  return {nodes, overlays, window: [innerWidth, innerHeight], scale: ds.scale};
 }"""
 )
 
@@ -123,6 +124,9 @@ def check_as_opened(page, path: Path, picture: Path) -> None:
         assert node["known"], f"{path.stem}: missing node type {node['type']}"
         assert not node["bad"], f"{path.stem}: {node['type']} widget values not offered: {node['bad']}"
         assert_in_view(seen, node, f"{path.stem} (see {picture})")
+    # The Templates browser fits the graph to the window (frontend 1.49 ignores the saved view there): the
+    # layout must be compact enough for that fit to keep widget text readable.
+    assert seen["scale"] >= 0.6, f"{path.stem}: opened at {seen['scale']:.0%} zoom (see {picture})"
     ours = [
         line for line in page.console if "magihuman" in line.lower() and line.startswith(("error", "page"))
     ]
@@ -136,18 +140,37 @@ def test_every_workflow_opens_from_a_file_whole_and_in_view(page, path, screensh
     check_as_opened(page, path, screenshots / f"file_{path.stem}.png")
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_every_workflow_opens_from_the_templates_browser_whole_and_in_view(page, path, screenshots):
+def open_the_packs_templates(page):
     page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     dialog = page.get_by_role("dialog")
     dialog.get_by_text("daVinci-MagiHuman", exact=True).click()  # the pack's category, named by its locale
-    dialog.get_by_test_id(f"template-workflow-{path.stem}").click()
+    return dialog
+
+
+def test_the_templates_cards_show_the_workflow_titles(page, screenshots):
+    """Frontend 1.49 titles a pack's card by its file name and ignores the pack's locale for it."""
+    dialog = open_the_packs_templates(page)
+    for path in WORKFLOWS:
+        dialog.get_by_test_id(f"template-workflow-{path.stem}").wait_for()
+    page.screenshot(path=str(screenshots / "templates.png"))
+    titles = {
+        path.stem: dialog.get_by_test_id(f"template-workflow-{path.stem}").inner_text() for path in WORKFLOWS
+    }
+    page.keyboard.press("Escape")
+    for stem, text in titles.items():  # a card reads "Node graph" (its badge), then its title
+        lines = [line.strip() for line in text.splitlines()]
+        assert stem in lines and stem.startswith("MagiHuman ") and "_" not in text, (stem, text)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_workflow_opens_from_the_templates_browser_whole_and_in_view(page, path, screenshots):
+    open_the_packs_templates(page).get_by_test_id(f"template-workflow-{path.stem}").click()
     wait_for_graph(page, path)
     check_as_opened(page, path, screenshots / f"template_{path.stem}.png")
 
 
-def test_t2v_distill_runs_from_the_run_button_to_a_save_video_preview(page, server, screenshots):
-    path = ROOT / "workflows" / "t2v_distill.json"
+def test_text_to_video_runs_from_the_run_button_to_a_save_video_preview(page, server, screenshots):
+    path = ROOT / "workflows" / "MagiHuman text to video (distilled).json"
     page.locator("#comfy-file-input").set_input_files(str(path))
     wait_for_graph(page, path)
     small = {"seconds": 0.96, "width": 64, "height": 64, "steps": 2}  # seconds on CPU with the tiny models
@@ -161,7 +184,7 @@ def test_t2v_distill_runs_from_the_run_button_to_a_save_video_preview(page, serv
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not page.locator("video").count():
         page.wait_for_timeout(1000)
-    page.screenshot(path=str(screenshots / "run_t2v_distill.png"))
+    page.screenshot(path=str(screenshots / "run_text_to_video.png"))
     runs = [entry for key, entry in server.get("/history").items() if key not in before]
     assert len(runs) == 1, "Run queued nothing"
     assert runs[0]["status"]["status_str"] == "success", runs[0]["status"]
@@ -172,3 +195,53 @@ def test_t2v_distill_runs_from_the_run_button_to_a_save_video_preview(page, serv
         "video source"
     ).first.get_attribute("src")
     assert source and ".mp4" in source, source
+
+
+def test_an_old_saved_super_resolution_node_keeps_its_values(page, screenshots):
+    """Saved before the SR target became a dynamic combo: [target, width, height, seed, ...] for every target.
+    web/legacy_widgets.js drops a preset's unused width and height, so nothing shifts (a custom one is the
+    same order as today's)."""
+    path = ROOT / "tests" / "fixtures" / "old_super_resolution_widgets.json"
+    page.locator("#comfy-file-input").set_input_files(str(path))
+    wait_for_graph(page, path)
+    page.screenshot(path=str(screenshots / "old_super_resolution.png"))
+    values = page.evaluate(
+        "app.graph.nodes.sort((a, b) => a.id - b.id)"
+        ".map(n => Object.fromEntries(n.widgets.map(w => [w.name, w.value])))"
+    )
+    preset, custom = values
+    for node in values:  # the values saved after width and height, in their places
+        assert (node["seed"], node["steps"], node["shift"], node["noise_index"]) == (42, 5, 5.0, 220), node
+        assert (node["audio_noise_scale"], node["cfg_trick_frames"]) == (0.7, 13), node
+    assert preset["target"] == "540p" and not any("width" in name for name in preset), preset
+    assert custom["target"] == "custom", custom
+    assert sorted(v for k, v in custom.items() if k.endswith(("width", "height"))) == [544, 960], custom
+    seen = page.evaluate(INSPECT)
+    assert all(not node["bad"] for node in seen["nodes"]), seen["nodes"]
+
+
+def test_a_missing_single_file_model_is_offered_for_download(page, tmp_path, screenshots):
+    """As on a host without the model: the workflow's single-file model renamed to an absent file (its
+    download metadata renamed with it). The Errors panel's Missing Models list names it with its folder and a
+    Download button (from the metadata); the folder models are the Download Models node's job, which the
+    workflow's visible notes name."""
+    graph = json.loads((ROOT / "workflows" / "MagiHuman text to video (distilled).json").read_text())
+    absent = []
+    for node in graph["nodes"]:
+        for model in node.get("properties", {}).get("models", []):
+            old, model["name"] = model["name"], "absent_" + model["name"].replace("/", "_")
+            node["widgets_values"] = [model["name"] if v == old else v for v in node["widgets_values"]]
+            absent.append((model["name"], model["directory"]))
+    assert absent, "the workflow has a single-file model"
+    path = tmp_path / "absent model.json"
+    path.write_text(json.dumps(graph))
+    page.locator("#comfy-file-input").set_input_files(str(path))
+    wait_for_graph(page, path)
+    page.get_by_text("View details").first.click()
+    page.get_by_text("Missing Models", exact=True).wait_for()
+    page.locator("button:visible", has_text="Download").first.wait_for()  # "Download" and "Download all"
+    page.screenshot(path=str(screenshots / "missing_models.png"))
+    text = page.inner_text("body")
+    for name, folder in absent:
+        assert name in text and folder in text, text[-2000:]
+    assert "MagiHuman Download Models" in text, "the notes name the node that fetches the folder models"

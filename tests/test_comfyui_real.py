@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from urllib.parse import quote
 
 import av
 import pytest
@@ -72,7 +73,7 @@ def test_the_pack_imports_without_errors(server):
 
 
 def test_the_pack_installs_the_lipsync_example_voice_into_the_input_folder(server):
-    """So lipsync_distill opens with no missing file (its run below loads it)."""
+    """So the lip-sync workflow opens with no missing file (its run below loads it)."""
     with av.open(str(server.home / "input" / "magihuman_example_voice.wav")) as container:
         assert container.streams.audio[0].duration or container.duration
 
@@ -89,9 +90,10 @@ def test_the_workflows_are_in_the_templates_browser_with_their_pictures(server):
     templates = server.get("/api/workflow_templates")
     assert sorted(templates["ComfyUI-MagiHuman"]) == [p.stem for p in WORKFLOWS]
     for path in WORKFLOWS:
-        served = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{path.name}")
+        # The names hold spaces and parentheses: the frontend requests them percent-encoded.
+        served = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{quote(path.name)}")
         assert json.loads(served) == json.loads(path.read_text())
-        picture = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{path.stem}.jpg")
+        picture = server.fetch(f"/api/workflow_templates/ComfyUI-MagiHuman/{quote(path.stem)}.jpg")
         assert picture == path.with_suffix(".jpg").read_bytes()
 
 
@@ -133,7 +135,7 @@ def test_every_workflow_runs_end_to_end_and_saves_an_mp4_with_sound(server, obje
 
 def test_block_swap_runs_under_comfyui_memory_management(server, object_info):
     """With swap_layers, ComfyUI's ModelPatcher holds only the resident part of the DiT (a module list)."""
-    prompt = api_prompt(object_info, "t2v_distill", seed=3)
+    prompt = api_prompt(object_info, "MagiHuman text to video (distilled)", seed=3)
     loader = next(node for node in prompt.values() if node["class_type"] == "MagiHumanDiTLoader")
     loader["inputs"]["swap_layers"] = 2
     entry = server.wait(server.queue(prompt))
@@ -143,8 +145,16 @@ def test_block_swap_runs_under_comfyui_memory_management(server, object_info):
 def test_an_interrupt_during_sampling_stops_the_run_and_the_next_run_succeeds(server, object_info):
     # After this first run the loaders and the prompt are cached: in the long run only the sampler, decoder
     # and save execute, and the sampler is the long part.
-    server.wait(server.queue(api_prompt(object_info, "t2v_distill")))
-    long_run = api_prompt(object_info, "t2v_distill", seconds=4.0, width=448, height=256, steps=1000, seed=7)
+    server.wait(server.queue(api_prompt(object_info, "MagiHuman text to video (distilled)")))
+    long_run = api_prompt(
+        object_info,
+        "MagiHuman text to video (distilled)",
+        seconds=4.0,
+        width=448,
+        height=256,
+        steps=1000,
+        seed=7,
+    )
     prompt_id = server.queue(long_run)
     deadline = time.monotonic() + 60
     while not server.running() and time.monotonic() < deadline:
@@ -156,7 +166,7 @@ def test_an_interrupt_during_sampling_stops_the_run_and_the_next_run_succeeds(se
     messages = dict(entry["status"]["messages"])
     assert messages["execution_interrupted"]["node_type"] == "MagiHumanDistillSampler", messages
 
-    again = server.wait(server.queue(api_prompt(object_info, "t2v_distill", seed=8)))
+    again = server.wait(server.queue(api_prompt(object_info, "MagiHuman text to video (distilled)", seed=8)))
     assert again["status"]["status_str"] == "success", again["status"]
 
 
@@ -165,8 +175,8 @@ def test_the_download_node_fetches_a_workflows_models_into_comfyuis_default_fold
     files would shadow the demo models in the loaders."""
     downloads = server.home / "downloads"
     try:
-        prompt = {"1": {"class_type": "MagiHumanDownloadModels",
-                        "inputs": {"workflow": "t2v_distill", "token": TOKEN}}}  # fmt: skip
+        inputs = {"workflow": "MagiHuman text to video (distilled)", "token": TOKEN}
+        prompt = {"1": {"class_type": "MagiHumanDownloadModels", "inputs": inputs}}
         entry = server.wait(server.queue(prompt))
         assert entry["status"]["status_str"] == "success", entry["status"]
         assert "4 models ready" in entry["outputs"]["1"]["text"][0]

@@ -17,7 +17,10 @@ MODELS = Path("/comfy/models")
 
 
 def test_distill_workflow_plan_fetches_the_fp8_dit_and_the_shared_models():
-    downloads = {d.file.name: d for d in plan(files_for([], [], ["t2v_distill"], [], False), MODELS)}
+    downloads = {
+        d.file.name: d
+        for d in plan(files_for([], [], ["MagiHuman text to video (distilled)"], [], False), MODELS)
+    }
     assert list(downloads) == ["dit_distill", "text_encoder", "turbo_vae", "audio_vae"]
     dit = downloads["dit_distill"]
     assert (dit.file.repo, dit.patterns, dit.target) == (
@@ -42,7 +45,9 @@ def test_distill_workflow_plan_fetches_the_fp8_dit_and_the_shared_models():
 
 
 def test_choices_combine_without_repeats():
-    names = files_for(["distill"], ["1080p"], ["distill_sr_1080p"], ["wan_vae"], False)
+    names = files_for(
+        ["distill"], ["1080p"], ["MagiHuman 1080p super-resolution (distilled)"], ["wan_vae"], False
+    )
     assert names == ["dit_distill", "dit_sr_1080p", "text_encoder", "turbo_vae", "audio_vae", "wan_vae"]
     assert files_for([], [], [], [], True) == list(MODEL_FILES)
     wan = plan(["wan_vae"], MODELS)[0]
@@ -60,7 +65,7 @@ def test_every_workflow_names_known_files_and_needs_a_dit():
 
 
 def test_unknown_names_are_errors_listing_the_known_ones():
-    with pytest.raises(DownloadError, match="unknown workflow.*t2v_distill"):
+    with pytest.raises(DownloadError, match=r"unknown workflow.*MagiHuman text to video \(distilled\)"):
         files_for([], [], ["t2v_turbo"], [], False)
     with pytest.raises(DownloadError, match="unknown model file.*dit_distill"):
         plan(["dit_ultra"], MODELS)
@@ -155,4 +160,4 @@ def test_missing_file_message_says_where_and_how():
     assert "stable-audio-open-1.0/model.safetensors" in text and "'vae' folder" in text
     assert "huggingface.co/stabilityai/stable-audio-open-1.0" in text and "gated" in text
     assert "python cli.py download --files audio_vae" in text and "about 4.85 GB" in text
-    assert "'MagiHuman Download Models' node" in text and "t2v_distill" in text
+    assert "'MagiHuman Download Models' node" in text and "MagiHuman text to video (distilled)" in text

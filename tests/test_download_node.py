@@ -38,7 +38,7 @@ def test_the_node_offers_every_workflow_and_downloads_nothing_until_run(comfy):
 
 def test_a_workflows_models_land_in_comfyuis_folders_with_a_progress_bar(comfy, hub, tmp_path):
     bars = len(comfy.utils.bars)
-    result = node(comfy).execute(workflow="t2v_distill", token=f"  {TOKEN} ")
+    result = node(comfy).execute(workflow="MagiHuman text to video (distilled)", token=f"  {TOKEN} ")
     models, served = tmp_path / "models", repos()
     expected = {
         "diffusion_models/distill_fp8/model-00001-of-00001.safetensors": served[
@@ -62,7 +62,7 @@ def test_a_workflows_models_land_in_comfyuis_folders_with_a_progress_bar(comfy, 
     # A second run finds everything in place: it asks for the listings (and T5-Gemma's index metadata), and
     # fetches no file again.
     before = len(hub.requests)
-    node(comfy).execute(workflow="t2v_distill", token=TOKEN)
+    node(comfy).execute(workflow="MagiHuman text to video (distilled)", token=TOKEN)
     again = hub.requests[before:]
     assert again and all(method == "HEAD" or path.startswith("/api/models/") for method, path, _ in again)
 
@@ -71,12 +71,12 @@ def test_a_broken_download_resumes_where_it_stopped(comfy, hub, tmp_path):
     name = "distill_fp8/model-00001-of-00001.safetensors"
     hub.cut = (name, 200_000)  # the connection breaks after 200 kB of 1 MB, and the network stays down
     with pytest.raises(DownloadError, match="(?s)cannot reach Hugging Face.*a new run resumes"):
-        node(comfy).execute(workflow="t2v_distill", token=TOKEN)
+        node(comfy).execute(workflow="MagiHuman text to video (distilled)", token=TOKEN)
     target = tmp_path / "models" / "diffusion_models" / name
     assert not target.exists()
 
     hub.down = False  # back online
-    node(comfy).execute(workflow="t2v_distill", token=TOKEN)
+    node(comfy).execute(workflow="MagiHuman text to video (distilled)", token=TOKEN)
     ranges = hub.file_gets(name)
     assert ranges[0] is None and ranges[-1] == f"bytes={3 * 64 * 1024}-", ranges  # 3 whole chunks were kept
     assert target.read_bytes() == repos()["SanDiegoDude/daVinci-MagiHuman-FP8"][name]
@@ -84,21 +84,21 @@ def test_a_broken_download_resumes_where_it_stopped(comfy, hub, tmp_path):
 
 def test_gated_repositories_need_the_token(comfy, hub):
     with pytest.raises(DownloadError, match="google/t5gemma-9b-9b-ul2 is gated.*token input"):
-        node(comfy).execute(workflow="t2v_distill", token="")
+        node(comfy).execute(workflow="MagiHuman text to video (distilled)", token="")
     with pytest.raises(DownloadError, match="is gated.*not been granted"):
-        node(comfy).execute(workflow="t2v_distill", token="hf_not_granted")
+        node(comfy).execute(workflow="MagiHuman text to video (distilled)", token="hf_not_granted")
 
 
 def test_offline_is_a_clear_error(comfy, hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(DownloadError, match="(?s)cannot reach Hugging Face.*Check the network"):
-        node(comfy).execute(workflow="i2v_distill", token=TOKEN)
+        node(comfy).execute(workflow="MagiHuman image to video (distilled)", token=TOKEN)
 
 
 def test_cancel_stops_the_download_and_a_rerun_completes_it(comfy, hub, tmp_path):
     comfy.mm.interrupt_processing = True
     with pytest.raises(comfy.mm.InterruptProcessingException):
-        node(comfy).execute(workflow="t2v_distill", token=TOKEN)
-    node(comfy).execute(workflow="t2v_distill", token=TOKEN)
+        node(comfy).execute(workflow="MagiHuman text to video (distilled)", token=TOKEN)
+    node(comfy).execute(workflow="MagiHuman text to video (distilled)", token=TOKEN)
     target = tmp_path / "models" / "diffusion_models" / "distill_fp8" / "model-00001-of-00001.safetensors"
     assert target.stat().st_size == 1_000_000

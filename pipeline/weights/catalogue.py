@@ -90,13 +90,13 @@ SHARED = ("text_encoder", "turbo_vae", "audio_vae")  # every workflow encodes te
 
 # What each example workflow (workflows/<name>.json) needs.
 WORKFLOW_FILES: dict[str, tuple[str, ...]] = {
-    "t2v_distill": ("dit_distill", *SHARED),
-    "i2v_distill": ("dit_distill", "wan_vae", *SHARED),
-    "t2v_base": ("dit_base", *SHARED),
-    "base_sr_540p": ("dit_base", "dit_sr_540p", *SHARED),
-    "distill_sr_1080p": ("dit_distill", "dit_sr_1080p", *SHARED),
-    "lipsync_distill": ("dit_distill", *SHARED),
-    "lipsync_long": ("dit_distill", *SHARED),
+    "MagiHuman text to video (distilled)": ("dit_distill", *SHARED),
+    "MagiHuman image to video (distilled)": ("dit_distill", "wan_vae", *SHARED),
+    "MagiHuman text to video (base)": ("dit_base", *SHARED),
+    "MagiHuman 540p super-resolution (base)": ("dit_base", "dit_sr_540p", *SHARED),
+    "MagiHuman 1080p super-resolution (distilled)": ("dit_distill", "dit_sr_1080p", *SHARED),
+    "MagiHuman lip-sync to your audio (distilled)": ("dit_distill", *SHARED),
+    "MagiHuman long lip-sync (distilled)": ("dit_distill", *SHARED),
 }
 
 
