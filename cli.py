@@ -172,8 +172,9 @@ def _add_download(subparsers) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="everything an example workflow needs, named as its file in workflows/ without .json "
-        "(e.g. 'MagiHuman text to video (distilled)'); repeatable",
+        help="everything an example workflow needs: its short name (t2v_distill, i2v_distill, t2v_base, "
+        "base_sr_540p, distill_sr_1080p, lipsync_distill, lipsync_long) or its title, the file name in "
+        "workflows/ without .json; repeatable",
     )
     parser.add_argument(
         "--dit", action="append", default=[], choices=("distill", "base"), help="a base-stage DiT (FP8)"

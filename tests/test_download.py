@@ -58,6 +58,19 @@ def test_choices_combine_without_repeats():
     )
 
 
+def test_the_short_names_the_workflows_had_choose_the_same_files_as_their_titles():
+    from magihuman.pipeline.weights.catalogue import WORKFLOW_SHORT_NAMES
+
+    for short, title in WORKFLOW_SHORT_NAMES.items():
+        assert (
+            files_for([], [], [short], [], False)
+            == list(WORKFLOW_FILES[title])
+            == files_for([], [], [title], [], False)
+        )
+    assert WORKFLOW_SHORT_NAMES["lipsync_long"] == "MagiHuman long lip-sync (distilled)"
+    assert WORKFLOW_SHORT_NAMES["i2v_distill"] == "MagiHuman image to video (distilled)"
+
+
 def test_every_workflow_names_known_files_and_needs_a_dit():
     for workflow, names in WORKFLOW_FILES.items():
         assert set(names) <= set(MODEL_FILES), workflow
@@ -65,7 +78,9 @@ def test_every_workflow_names_known_files_and_needs_a_dit():
 
 
 def test_unknown_names_are_errors_listing_the_known_ones():
-    with pytest.raises(DownloadError, match=r"unknown workflow.*MagiHuman text to video \(distilled\)"):
+    with pytest.raises(
+        DownloadError, match=r"unknown workflow.*t2v_distill \('MagiHuman text to video \(distilled\)'\)"
+    ):
         files_for([], [], ["t2v_turbo"], [], False)
     with pytest.raises(DownloadError, match="unknown model file.*dit_distill"):
         plan(["dit_ultra"], MODELS)

@@ -99,6 +99,16 @@ WORKFLOW_FILES: dict[str, tuple[str, ...]] = {
     "MagiHuman long lip-sync (distilled)": ("dit_distill", *SHARED),
 }
 
+# Short names for the command line (the workflows' earlier file names), so no title needs quoting.
+WORKFLOW_SHORT_NAMES = dict(
+    zip(
+        ("t2v_distill", "i2v_distill", "t2v_base", "base_sr_540p", "distill_sr_1080p", "lipsync_distill",
+         "lipsync_long"),
+        WORKFLOW_FILES,
+        strict=True,
+    )
+)  # fmt: skip
+
 
 def missing_file_message(name: str, looked_in: list[str]) -> str:
     """A "not found" error for one catalogue entry: what is missing, where we looked, how to get it."""

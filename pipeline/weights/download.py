@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .catalogue import MODEL_FILES, WORKFLOW_FILES, ModelFile
+from .catalogue import MODEL_FILES, WORKFLOW_FILES, WORKFLOW_SHORT_NAMES, ModelFile
 
 TEXT_ENCODER_PREFIXES = (
     "encoder.",
@@ -53,9 +53,11 @@ def files_for(
     """Catalogue names for the command line's choices (``--dit distill --sr 1080p --workflow ...``)."""
     if everything:
         return list(MODEL_FILES)
+    workflows = [WORKFLOW_SHORT_NAMES.get(w, w) for w in workflows]
     unknown = [w for w in workflows if w not in WORKFLOW_FILES]
     if unknown:
-        raise DownloadError(f"unknown workflow(s) {unknown}; known: {', '.join(WORKFLOW_FILES)}")
+        known = ", ".join(f"{short} ('{title}')" for short, title in WORKFLOW_SHORT_NAMES.items())
+        raise DownloadError(f"unknown workflow(s) {unknown}; known: {known}")
     names = [f"dit_{d}" for d in dits] + [f"dit_sr_{s}" for s in srs]
     for workflow in workflows:
         names += WORKFLOW_FILES[workflow]
