@@ -20,6 +20,14 @@ from .wan_stats import denormalize
 # CUDA's nearest upsample was silently wrong above 2**31 output elements before pytorch#141923.
 CHUNK_ELEMENTS = 1 << 26
 
+# A k=3 Conv3d whose input or output has more than 2**31 elements (a 1080p window's 128-wide ResBlock input is
+# [1, 128, 38, 544, 960] = 2.5e9) cannot be split by batch at N = 1: before cuDNN 9.3 torch then falls back
+# to slow_conv3d, whose column buffer is about 130 GB (GPU_REVIEW.md O5). Such convs run in chunks of output
+# frames of at most CONV_CHUNK_ELEMENTS input and output elements each (512 MB in bf16, which also bounds
+# the transient padded copy).
+CONV_SPLIT_ELEMENTS = 1 << 31
+CONV_CHUNK_ELEMENTS = 1 << 28
+
 
 def rms_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS-normalise over channels (dim 1) with a float32 variance; no affine weight; dtype kept. The variance
@@ -48,12 +56,33 @@ class Conv3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pointwise:
             return pointwise_conv3d(x, self.conv.weight, self.conv.bias)
+        frames_out = x.shape[2] + 2 * self.pad_t - self.conv.kernel_size[0] + 1
+        out_elements = x[:, :1, :1].numel() * self.conv.out_channels * frames_out
+        if max(x.numel(), out_elements) > CONV_SPLIT_ELEMENTS:
+            return self.forward_in_frame_chunks(x, CONV_CHUNK_ELEMENTS)
         if self.pad_t:
             first, last = x[:, :, :1], x[:, :, -1:]
             x = torch.cat(
                 [first.expand(-1, -1, self.pad_t, -1, -1), x, last.expand(-1, -1, self.pad_t, -1, -1)], 2
             )
         return self.conv(x)
+
+    def forward_in_frame_chunks(self, x: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+        """The same convolution, a few output frames at a time. The conv pads nothing in time, so output
+        frame t reads only (padded) input frames t .. t+kt-1: each chunk computes the very sums of the whole.
+        A chunk's input is gathered with its replicate padding in one copy (no padded whole activation)."""
+        b, _, t, h, w = x.shape
+        kt = self.conv.kernel_size[0]
+        frames_out = t + 2 * self.pad_t - kt + 1
+        per_frame_in, per_frame_out = b * x.shape[1] * h * w, b * self.conv.out_channels * h * w
+        step = max(1, min(chunk_elements // per_frame_out, chunk_elements // per_frame_in - (kt - 1)))
+        out = x.new_empty(b, self.conv.out_channels, frames_out, h, w)
+        for start in range(0, frames_out, step):
+            stop = min(start + step, frames_out)
+            # padded frame i is input frame clamp(i - pad_t, 0, t-1): the edge frame repeats
+            index = torch.arange(start, stop + kt - 1, device=x.device).sub_(self.pad_t).clamp_(0, t - 1)
+            out[:, :, start:stop] = self.conv(x.index_select(2, index))
+        return out
 
 
 class ResBlock(nn.Module):
