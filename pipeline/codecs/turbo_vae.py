@@ -98,11 +98,14 @@ class ResBlock(nn.Module):
         self.conv_shortcut = Conv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.first_act(rms_channels(x, 1e-8)))
-        h = self.conv2(F.silu(rms_channels(h, 1e-8)))
+        # At 1080p each [1, 128, 36, 544, 960] activation is 4.8 GB: activations run in place and each
+        # intermediate is dropped as soon as the next exists, so at most x, one input and one output live.
+        h = self.conv1(self.first_act(rms_channels(x, 1e-8), inplace=True))
+        h = F.silu(rms_channels(h, 1e-8), inplace=True)
+        h = self.conv2(h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(rms_channels(x, self.eps))
-        return h + x
+        return h.add_(x)
 
 
 class NearestUp2x(nn.Module):
