@@ -259,3 +259,26 @@ def test_the_dit_loads_to_the_offload_device_and_comfyui_brings_it_in(comfy, sta
     assert dit.managed.patcher.load_device == torch.device("meta")
     swap = dit.managed.model.block_swap
     assert swap.device == torch.device("meta") and len(swap.layers) == 2
+
+
+def test_text_encoder_auto_precision_follows_the_card_size(comfy, monkeypatch):
+    from magihuman.pipeline.codecs.text_encoder import encoder_bytes
+
+    folder = comfy.models / "text_encoders" / "t5gemma-9b-9b-ul2"
+    bf16, fp8 = encoder_bytes(folder, fp8=False), encoder_bytes(folder, fp8=True)
+    reserve = comfy.mm.minimum_inference_memory()
+    monkeypatch.setattr(comfy.mm, "get_torch_device", lambda: torch.device("cuda"))
+    chosen = {}
+    for name, total in (("roomy", bf16 + reserve), ("tight", bf16 + reserve - 1), ("tiny", fp8 - 1)):
+        monkeypatch.setattr(comfy.mm, "total_memory", total)
+        (loaded,) = run(
+            comfy, "TextEncoderLoader", text_encoder="t5gemma-9b-9b-ul2/", weights="auto", device="gpu"
+        )
+        chosen[name] = (loaded.encoder.name.endswith(" fp8"), loaded.run_on_gpu)
+    assert chosen == {"roomy": (False, True), "tight": (True, True), "tiny": (False, False)}
+    (on_cpu,) = run(
+        comfy, "TextEncoderLoader", text_encoder="t5gemma-9b-9b-ul2/", weights="auto", device="cpu"
+    )
+    assert not on_cpu.run_on_gpu and not on_cpu.encoder.name.endswith(" fp8")
+    inputs = {i.id: i for i in node(comfy, "TextEncoderLoader").define_schema().inputs}
+    assert inputs["weights"].default == "auto"

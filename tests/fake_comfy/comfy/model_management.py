@@ -36,8 +36,19 @@ def supports_fp8_compute(device=None) -> bool:
     return False
 
 
+total_memory = 64 * 2**30  # tests set it to stand for a smaller card
+
+
 def get_free_memory(dev=None, torch_free_too=False):
     return 64 * 2**30
+
+
+def get_total_memory(dev=None, torch_total_too=False):
+    return total_memory
+
+
+def minimum_inference_memory():
+    return int(0.8 * 2**30) + 400 * 2**20  # ComfyUI's 0.8 GiB plus its default extra reserve
 
 
 def free_memory(memory_required, device, keep_loaded=()):
