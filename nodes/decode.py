@@ -8,7 +8,7 @@ from comfy_api.latest import InputImpl, Types, io
 from ..fp8.errors import InputError
 from ..pipeline.sampling.sizes import FPS
 from ..pipeline.sampling.stages import decode
-from .memory import module_bytes, on_device
+from .memory import decode_activations, module_bytes, on_device
 from .types import AUDIO_VAE, LATENT, VIDEO_VAE
 
 
@@ -63,7 +63,8 @@ class Decode(io.ComfyNode):
         options = {"offload_to": "cpu"} if decoder == "turbo" and offload_frames else {}
         if decoder == "wan" and tile:
             options = {"tile": tile}
-        with on_device(model, module_bytes(model)), on_device(audio_vae, module_bytes(audio_vae)):
+        need = module_bytes(model) + decode_activations(decoder, latent.video.shape, offload_frames, tile)
+        with on_device(model, need), on_device(audio_vae, module_bytes(audio_vae)):
             frames, sound = decode(latent, model, audio_vae, **options)
         video = InputImpl.VideoFromComponents(
             Types.VideoComponents(images=frames, audio=sound, frame_rate=Fraction(FPS))

@@ -12,6 +12,7 @@ from ..pipeline.sampling.requests import DEFAULT_STEPS, SRRequest
 from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
 from ..pipeline.sampling.sizes import SR_TARGETS, clip_size
 from ..pipeline.sampling.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance, SRSettings
+from .memory import dit_activations, dit_tokens
 from .progress import sampling_hooks
 from .samplers import MAX_SEED, conditioning_latents, guidance_scale
 from .types import CONDITIONING, DIT, LATENT, VIDEO_VAE
@@ -153,6 +154,10 @@ class SuperResolution(io.ComfyNode):
             image_latent=image, hooks=sampling_hooks(settings.steps), device=mm.get_torch_device(),
             settings=settings, windows=(windows or DEFAULT_LONG_CLIP).settings,
         )  # fmt: skip
-        result = generate_long_sr(sr_dit.managed.use(), latent, request)
+        long = request.windows
+        tokens = dit_tokens(
+            min(size.latent_frames, long.latent_frames), size.latent_height, size.latent_width
+        )
+        result = generate_long_sr(sr_dit.managed.use(dit_activations(tokens, batched=False)), latent, request)
         result.check_finite("super-resolution", sr_dit.description)
         return io.NodeOutput(result.to(mm.intermediate_device()))

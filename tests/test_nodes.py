@@ -199,12 +199,26 @@ def test_models_are_registered_and_room_is_made(comfy, stack):
     comfy.mm.calls.clear()
     sample(comfy, stack)
     loads = [args for name, args in comfy.mm.calls if name == "load_models_gpu"]
-    # The DiT, through its ModelPatcher, whole: our layers cannot run from ComfyUI's partial low-VRAM load.
-    assert loads == [{"count": 1, "force_full_load": True}]
+    # The DiT, through its ModelPatcher, whole: our layers cannot run from ComfyUI's partial low-VRAM load;
+    # ComfyUI is told the forward's activations (0.96 s at 64x64: 25 frames -> 7 latent frames of 4x4).
+    from magihuman.nodes.memory import BYTES_PER_TOKEN
+
+    tokens = 7 * 4 * 4 // 4 + 4 * 6 + 1 + 640
+    assert loads == [{"count": 1, "memory_required": tokens * BYTES_PER_TOKEN, "force_full_load": True}]
     assert stack["dit"].managed.patcher.size > 0
     comfy.mm.calls.clear()
     run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="a new prompt", negative_prompt="x")
     assert comfy.mm.calls[0][0] == "free_memory"  # the encoder visits the GPU only after making room
+
+
+def test_decodes_ask_comfyui_for_their_activations(comfy, stack):
+    latent = sample(comfy, stack)
+    comfy.mm.calls.clear()
+    run(comfy, "Decode", latent=latent, vae=stack["vae"], audio_vae=stack["audio_vae"], decoder="turbo",
+        offload_frames=False, tile=0)  # fmt: skip
+    weights = sum(t.nbytes for t in [*stack["vae"].turbo.parameters(), *stack["vae"].turbo.buffers()])
+    pixels = (4 * 7 - 3) * 64 * 64
+    assert comfy.mm.calls[0] == ("free_memory", weights + 110 * pixels)
 
 
 def test_missing_model_files_say_where_they_go_and_where_they_come_from(comfy):

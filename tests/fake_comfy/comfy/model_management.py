@@ -57,7 +57,8 @@ def free_memory(memory_required, device, keep_loaded=()):
 
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                     force_full_load=False):  # fmt: skip
-    calls.append(("load_models_gpu", {"count": len(models), "force_full_load": force_full_load}))
+    calls.append(("load_models_gpu", {"count": len(models), "memory_required": memory_required,
+                                      "force_full_load": force_full_load}))  # fmt: skip
     for patcher in models:
         if patcher not in loaded:
             loaded.append(patcher)
