@@ -218,7 +218,9 @@ def test_decodes_ask_comfyui_for_their_activations(comfy, stack):
         offload_frames=False, tile=0)  # fmt: skip
     weights = sum(t.nbytes for t in [*stack["vae"].turbo.parameters(), *stack["vae"].turbo.buffers()])
     pixels = (4 * 7 - 3) * 64 * 64
-    assert comfy.mm.calls[0] == ("free_memory", weights + 110 * pixels)
+    from magihuman.nodes.memory import DECODE_BYTES_PER_PIXEL
+
+    assert comfy.mm.calls[0] == ("free_memory", weights + DECODE_BYTES_PER_PIXEL["turbo"] * pixels)
 
 
 def test_missing_model_files_say_where_they_go_and_where_they_come_from(comfy):

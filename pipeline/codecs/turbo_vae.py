@@ -2,6 +2,7 @@
 its JSON config and run over the latent frames in overlapping windows. Module names follow the checkpoint keys
 (``decoder.conv_in.conv.weight``, ``decoder.up_blocks.0.upsamplers.0.time_conv.conv.weight``, ...)."""
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,13 +153,18 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(cout, temporal=not spatial_only)]) if scale else None
         self.resnets = nn.ModuleList(ResBlock(cout, cout, eps, relu_first=scale) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
-        if self.conv_in is not None:
-            x = self.conv_in(x)
+    def steps(self, first_chunk: bool) -> list:
+        """The block as a sequence of one-input callables: a caller that runs them in turn holds only the
+        current activation (a caller of ``forward`` keeps the block's input alive to the end: 2.2 GB at
+        1080p)."""
+        steps = [] if self.conv_in is None else [self.conv_in]
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, first_chunk)
-        for resnet in self.resnets:
-            x = resnet(x)
+            steps.append(functools.partial(self.upsamplers[0], first_chunk=first_chunk))
+        return [*steps, *self.resnets]
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        for step in self.steps(first_chunk):
+            x = step(x)
         return x
 
 
@@ -241,8 +247,8 @@ class Decoder3d(nn.Module):
 
     def forward(self, z: torch.Tensor, first_chunk: bool) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x, first_chunk)
+        for step in [step for block in self.up_blocks for step in block.steps(first_chunk)]:
+            x = step(x)
         x = self.conv_out(F.silu(rms_channels(x, 1e-8)))  # [B, C·p·p, T, H, W]
         b, cpp, t, h, w = x.shape
         p = self.patch_size
