@@ -213,7 +213,7 @@ class TextEncoderLoader(io.ComfyNode):
                     tooltip="fp8 stores the encoder's linear layers in FP8: about half the memory "
                     "(9.6 instead of 17.3 GiB on the GPU while it encodes), slightly different "
                     "embeddings. auto (with device gpu): bf16 when it fits in the GPU's memory beside "
-                    "ComfyUI's reserve (24 GB cards and up), else fp8 (16-20 GB cards), else bf16 on "
+                    "ComfyUI's reserve (20 GB cards and up), else fp8 (12-16 GB cards), else bf16 on "
                     "the CPU.",
                 ),
                 io.Combo.Input(
