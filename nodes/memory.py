@@ -42,9 +42,11 @@ class Managed:
         return self.model
 
 
-# Peak activations of one full-size DiT forward per token, from `python cli.py bench memory` (BENCHMARKS.md):
-# the largest of the 256p, 540p and 1080p-SR forwards, FP8 or bf16 linears.
-BYTES_PER_TOKEN = 170_000
+# Peak activations of one full-size DiT forward, base + per token, an upper line through `python cli.py bench
+# memory` (BENCHMARKS.md): predicted 1.27 GiB at 3,910 tokens (256p), 2.35 at 14,662 (540p SR), 8.92 at
+# 65,606 (1080p SR); this gives 1.29, 2.85 and 9.97 GiB.
+ACTIVATION_BASE_BYTES = int(0.8 * 2**30)
+BYTES_PER_TOKEN = 150_000
 
 
 def dit_tokens(latent_frames: int, latent_height: int, latent_width: int) -> int:
@@ -56,7 +58,7 @@ def dit_tokens(latent_frames: int, latent_height: int, latent_width: int) -> int
 def dit_activations(tokens: int, batched: bool) -> int:
     """Activation bytes of a DiT forward of ``tokens`` tokens (twice with conditional and unconditional
     batched)."""
-    return tokens * BYTES_PER_TOKEN * (2 if batched else 1)
+    return (ACTIVATION_BASE_BYTES + tokens * BYTES_PER_TOKEN) * (2 if batched else 1)
 
 
 @contextmanager

@@ -201,10 +201,10 @@ def test_models_are_registered_and_room_is_made(comfy, stack):
     loads = [args for name, args in comfy.mm.calls if name == "load_models_gpu"]
     # The DiT, through its ModelPatcher, whole: our layers cannot run from ComfyUI's partial low-VRAM load;
     # ComfyUI is told the forward's activations (0.96 s at 64x64: 25 frames -> 7 latent frames of 4x4).
-    from magihuman.nodes.memory import BYTES_PER_TOKEN
+    from magihuman.nodes.memory import ACTIVATION_BASE_BYTES, BYTES_PER_TOKEN
 
-    tokens = 7 * 4 * 4 // 4 + 4 * 6 + 1 + 640
-    assert loads == [{"count": 1, "memory_required": tokens * BYTES_PER_TOKEN, "force_full_load": True}]
+    needed = ACTIVATION_BASE_BYTES + (7 * 4 * 4 // 4 + 4 * 6 + 1 + 640) * BYTES_PER_TOKEN
+    assert loads == [{"count": 1, "memory_required": needed, "force_full_load": True}]
     assert stack["dit"].managed.patcher.size > 0
     comfy.mm.calls.clear()
     run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="a new prompt", negative_prompt="x")
