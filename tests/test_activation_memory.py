@@ -104,3 +104,16 @@ def test_a_frame_chunked_conv_equals_the_whole_conv_at_every_chunk_size():
         chunked = conv.forward_in_frame_chunks(x, per_frame * (frames + 2))
         assert chunked.shape == expected.shape
         assert torch.allclose(chunked, expected, rtol=0, atol=1e-6), frames
+
+
+def test_a_frame_chunked_conv_may_write_its_result_into_its_input():
+    torch.manual_seed(2)
+    conv = turbo_vae.Conv3d(6, 6, 3)
+    x = torch.randn(1, 6, 7, 5, 4)
+    expected = conv(x)
+    per_frame = 6 * 5 * 4
+    for frames in (1, 2, 3, 7):
+        source = x.clone()
+        result = conv.forward_in_frame_chunks(source, per_frame * (frames + 2), overwrite_input=True)
+        assert result.data_ptr() == source.data_ptr()  # no second activation
+        assert torch.allclose(result, expected, rtol=0, atol=1e-6), frames

@@ -30,7 +30,7 @@ CONV_SPLIT_ELEMENTS = 1 << 31
 CONV_CHUNK_ELEMENTS = 1 << 28
 
 
-def rms_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_channels(x: torch.Tensor, eps: float, inplace: bool = False) -> torch.Tensor:
     """RMS-normalise over channels (dim 1) with a float32 variance; no affine weight; dtype kept. The variance
     is computed in slices along dim 2 and the product is computed in float32 and stored in x's dtype, so no
     float32 copy of the whole activation is made (same values as ``(x * rsqrt(mean(x.float()²))).to(x.dtype)``
@@ -41,7 +41,8 @@ def rms_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
         variance[:, :, start : start + step] = (
             x[:, :, start : start + step].float().pow(2).mean(1, keepdim=True)
         )
-    return torch.mul(x, variance.add_(eps).rsqrt_(), out=torch.empty_like(x))
+    # In place or not, the product is computed in float32 and stored in x's dtype: the same values.
+    return torch.mul(x, variance.add_(eps).rsqrt_(), out=x if inplace else torch.empty_like(x))
 
 
 class Conv3d(nn.Module):
@@ -54,13 +55,15 @@ class Conv3d(nn.Module):
         self.pointwise = (kt, kh, kw) == (1, 1, 1)
         self.conv = nn.Conv3d(cin, cout, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, overwrite_input: bool = False) -> torch.Tensor:
+        """``overwrite_input``: x is a temporary the caller drops; a frame-chunked conv of the same output
+        shape may write its result into x's memory (one 4.8 GB activation less at 1080p)."""
         if self.pointwise:
             return pointwise_conv3d(x, self.conv.weight, self.conv.bias)
         frames_out = x.shape[2] + 2 * self.pad_t - self.conv.kernel_size[0] + 1
         out_elements = x[:, :1, :1].numel() * self.conv.out_channels * frames_out
         if max(x.numel(), out_elements) > CONV_SPLIT_ELEMENTS:
-            return self.forward_in_frame_chunks(x, CONV_CHUNK_ELEMENTS)
+            return self.forward_in_frame_chunks(x, CONV_CHUNK_ELEMENTS, overwrite_input)
         if self.pad_t:
             first, last = x[:, :, :1], x[:, :, -1:]
             x = torch.cat(
@@ -68,21 +71,34 @@ class Conv3d(nn.Module):
             )
         return self.conv(x)
 
-    def forward_in_frame_chunks(self, x: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+    def forward_in_frame_chunks(
+        self, x: torch.Tensor, chunk_elements: int, overwrite_input: bool = False
+    ) -> torch.Tensor:
         """The same convolution, a few output frames at a time. The conv pads nothing in time, so output
         frame t reads only (padded) input frames t .. t+kt-1: each chunk computes the very sums of the whole.
-        A chunk's input is gathered with its replicate padding in one copy (no padded whole activation)."""
+        A chunk's input is gathered with its replicate padding in one copy (no padded whole activation).
+        With ``overwrite_input`` (and an output of x's shape) chunk outputs go into x: later chunks read
+        input frames from stop - pad_t on, so those are saved before each write (the halo)."""
         b, _, t, h, w = x.shape
-        kt = self.conv.kernel_size[0]
-        frames_out = t + 2 * self.pad_t - kt + 1
+        kt, pad = self.conv.kernel_size[0], self.pad_t
+        frames_out = t + 2 * pad - kt + 1
         per_frame_in, per_frame_out = b * x.shape[1] * h * w, b * self.conv.out_channels * h * w
         step = max(1, min(chunk_elements // per_frame_out, chunk_elements // per_frame_in - (kt - 1)))
-        out = x.new_empty(b, self.conv.out_channels, frames_out, h, w)
+        in_place = overwrite_input and (self.conv.out_channels, frames_out) == (x.shape[1], t) and step >= pad
+        out = x if in_place else x.new_empty(b, self.conv.out_channels, frames_out, h, w)
+        halo = None  # input frames start - pad .. start - 1, saved before the previous chunk overwrote them
         for start in range(0, frames_out, step):
             stop = min(start + step, frames_out)
             # padded frame i is input frame clamp(i - pad_t, 0, t-1): the edge frame repeats
-            index = torch.arange(start, stop + kt - 1, device=x.device).sub_(self.pad_t).clamp_(0, t - 1)
-            out[:, :, start:stop] = self.conv(x.index_select(2, index))
+            index = torch.arange(start, stop + kt - 1, device=x.device).sub_(pad).clamp_(0, t - 1)
+            chunk = x.index_select(2, index)
+            if halo is not None:
+                chunk[:, :, :pad] = halo
+            result = self.conv(chunk)
+            del chunk
+            if in_place and pad:
+                halo = x[:, :, stop - pad : stop].clone()
+            out[:, :, start:stop] = result
         return out
 
 
@@ -100,10 +116,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # At 1080p each [1, 128, 36, 544, 960] activation is 4.8 GB: activations run in place and each
-        # intermediate is dropped as soon as the next exists, so at most x, one input and one output live.
-        h = self.conv1(self.first_act(rms_channels(x, 1e-8), inplace=True))
-        h = F.silu(rms_channels(h, 1e-8), inplace=True)
-        h = self.conv2(h)
+        # intermediate is reused (norm, activation, chunked conv in place): x and h live, plus conv chunks.
+        h = self.conv1(self.first_act(rms_channels(x, 1e-8), inplace=True), overwrite_input=True)
+        h = self.conv2(F.silu(rms_channels(h, 1e-8, inplace=True), inplace=True), overwrite_input=True)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(rms_channels(x, self.eps))
         return h.add_(x)
