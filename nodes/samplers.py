@@ -106,10 +106,9 @@ def run_base_stage(dit: LoadedDiT, cond: MagiConditioning, vaes: tuple, widgets:
     frames = min(size.latent_frames, long.settings.latent_frames)  # a long clip runs one window at a time
     tokens = dit_tokens(frames, size.latent_height, size.latent_width)
     device = mm.get_torch_device()
-    if batch == "auto":
-        # decided before the model comes in: with the DiT loaded, free memory is what is left beside it
-        batch = "batched" if mm.get_free_memory(device) > 3 * dit_activations(tokens, False) else "sequential"
     model = dit.managed.use(dit_activations(tokens, batch == "batched"))
+    if batch == "auto":  # decided with the DiT loaded: free memory is then what is left beside it
+        batch = "batched" if mm.get_free_memory(device) > 3 * dit_activations(tokens, False) else "sequential"
     request = BaseRequest(
         size=size, text=cond.prompt, seed=widgets["seed"], negative=cond.negative, image_latent=image,
         hooks=sampling_hooks(widgets["steps"]), device=device, batch_cfg=batch == "batched", mode=mode,
