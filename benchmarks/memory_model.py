@@ -1,5 +1,6 @@
 """A device-free memory model: the device peak of each DiT stage of the full-size models, predicted without
-allocating anything. Tensors are fake (``FakeTensorMode``: shapes, dtypes and devices, no memory) and a
+allocating anything (the codecs: :mod:`.memory_codecs`).
+Tensors are fake (``FakeTensorMode``: shapes, dtypes and devices, no memory) and a
 :class:`~.live_bytes.LiveBytes` counter adds up the storages that are alive, op by op.
 
 * DiT load: the real ``load_dit`` on a sparse full-size checkpoint (the published layout, weights left as
@@ -33,6 +34,7 @@ from ..pipeline.dit.model import MagiDiT
 from .dit_forward import CLIPS, TEXT_TOKENS, clip_inputs, reduced
 from .dit_load import FULL_SIZE_SHARD_BYTES, write_fp8_checkpoint
 from .live_bytes import LiveBytes
+from .memory_codecs import predict_decode, predict_text_encoder
 
 GIB = 2**30
 
@@ -177,6 +179,15 @@ def bench_memory(validate: bool = True) -> str:
     for p in (p for p in predictions if p.linear == "fp8"):
         peaks = [swap_peak(p, n) for n in SWAP_COUNTS]
         lines.append(f"{p.clip:<7}" + "".join(f"{peak / GIB:>9.2f}" for peak in peaks))
+    lines += ["", "Codecs (bf16 unless named; text encoder: a 640-token prompt; decoders: a 5 s clip)"]
+    lines.append(f"{'stage':<28}{'weights GiB':>13}{'activations GiB':>17}{'peak GiB':>10}")
+    codecs = [predict_text_encoder(fp8=False), predict_text_encoder(fp8=True)]
+    codecs += [predict_decode(d, size) for d in ("turbo", "wan") for size in ("256p", "540p", "1080p")]
+    for c in codecs:
+        lines.append(
+            f"{c.name:<28}{c.resident / GIB:>13.2f}{c.activations / GIB:>17.2f}"
+            f"{(c.resident + c.activations) / GIB:>10.2f}"
+        )
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from ..fp8.errors import InputError
 from ..pipeline.media.files import write_mp4
 from ..pipeline.sampling.sizes import FPS
 from ..pipeline.sampling.stages import decode, decode_stream
-from .memory import module_bytes, on_device
+from .memory import decode_activations, module_bytes, on_device
 from .types import AUDIO_VAE, LATENT, VIDEO_VAE
 
 
@@ -64,7 +64,8 @@ class Decode(io.ComfyNode):
         options = {"offload_to": "cpu"} if decoder == "turbo" and offload_frames else {}
         if decoder == "wan" and tile:
             options = {"tile": tile}
-        with on_device(model, module_bytes(model)), on_device(audio_vae, module_bytes(audio_vae)):
+        need = module_bytes(model) + decode_activations(decoder, latent.video.shape, offload_frames, tile)
+        with on_device(model, need), on_device(audio_vae, module_bytes(audio_vae)):
             frames, sound = decode(latent, model, audio_vae, **options)
         video = InputImpl.VideoFromComponents(
             Types.VideoComponents(images=frames, audio=sound, frame_rate=Fraction(FPS))
@@ -110,7 +111,12 @@ class DecodeToFile(io.ComfyNode):
         model = video_decoder(vae, decoder)
         path = os.path.join(folder_paths.get_temp_directory(), f"magihuman_{uuid.uuid4().hex[:12]}.mp4")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with on_device(model, module_bytes(model)), on_device(audio_vae, module_bytes(audio_vae)):
+        # Streamed, the device holds one Turbo window or one Wan latent frame's pictures at a time (the
+        # estimate of a 2-latent clip: 5 pictures).
+        shape = latent.video.shape
+        one = shape if decoder == "turbo" else (*shape[:2], 2, *shape[3:])
+        need = module_bytes(model) + decode_activations(decoder, one, offload_frames=True, tile=0)
+        with on_device(model, need), on_device(audio_vae, module_bytes(audio_vae)):
             frames, sound = decode_stream(latent, model, audio_vae)
             write_mp4(path, frames, sound)  # the frames are decoded as the file is written
         return io.NodeOutput(InputImpl.VideoFromFile(path), sound)

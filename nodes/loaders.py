@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..fp8.capability import MODES as FP8_MODES
 from ..fp8.errors import InputError
 from ..pipeline.codecs.audio_vae import load_audio_vae
-from ..pipeline.codecs.text_encoder import load_text_encoder
+from ..pipeline.codecs.text_encoder import choose_precision, load_text_encoder
 from ..pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
 from ..pipeline.codecs.wan_vae import load_wan_vae
 from ..pipeline.dit.block_swap import BlockSwap
@@ -254,10 +254,13 @@ class TextEncoderLoader(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "weights",
-                    options=["bf16", "fp8"],
-                    default="bf16",
+                    options=["auto", "bf16", "fp8"],
+                    default="auto",
                     tooltip="fp8 stores the encoder's linear layers in FP8: about half the memory "
-                    "(~9 instead of ~18 GB), slightly different embeddings.",
+                    "(9.6 instead of 17.3 GiB on the GPU while it encodes), slightly different "
+                    "embeddings. auto (with device gpu): bf16 when it fits in the GPU's memory beside "
+                    "ComfyUI's reserve (20 GB cards and up), else fp8 (12-16 GB cards), else bf16 on "
+                    "the CPU.",
                 ),
                 io.Combo.Input(
                     "device",
@@ -273,5 +276,18 @@ class TextEncoderLoader(io.ComfyNode):
     @classmethod
     def execute(cls, text_encoder, weights, device) -> io.NodeOutput:
         path = resolve(text_encoder, "text_encoders", "text_encoder")
-        encoder = load_text_encoder(path, mm.unet_offload_device(), fp8=weights == "fp8")
-        return io.NodeOutput(LoadedTextEncoder(encoder, device == "gpu"))
+        on_gpu, fp8 = device == "gpu", weights == "fp8"
+        if weights == "auto":
+            fp8, on_gpu = auto_precision(path) if on_gpu else (False, False)
+        encoder = load_text_encoder(path, mm.unet_offload_device(), fp8=fp8)
+        return io.NodeOutput(LoadedTextEncoder(encoder, on_gpu))
+
+
+def auto_precision(path) -> tuple[bool, bool]:
+    """(fp8, on the GPU) for weights "auto". The measure is the device's total memory less ComfyUI's
+    reserve, not what is free now: the encoder visits the GPU only while it encodes, and ComfyUI offloads
+    other models (the DiT included) to make room for it then (nodes/memory.py, on_device)."""
+    device = mm.get_torch_device()
+    if device.type == "cpu":
+        return False, True  # no GPU: the compute device is the CPU, bf16 is the reference precision
+    return choose_precision(path, mm.get_total_memory(device) - mm.minimum_inference_memory())

@@ -32,11 +32,33 @@ class Managed:
             size=module_bytes(moved),
         )
 
-    def use(self) -> nn.Module:
+    def use(self, activations: int = 0) -> nn.Module:
+        """``activations``: bytes the run needs beyond the weights (see :func:`dit_activations`); ComfyUI
+        frees that much besides the model, offloading other models if needed, instead of its 0.8 GB
+        default reserve."""
         # Whole or not at all: ComfyUI's low-VRAM partial load leaves weights in system memory for layers
         # that cast them on the fly, which ours do not. Block swap is this pack's low-memory path.
-        mm.load_models_gpu([self.patcher], force_full_load=True)
+        mm.load_models_gpu([self.patcher], memory_required=activations, force_full_load=True)
         return self.model
+
+
+# Peak activations of one full-size DiT forward, base + per token, an upper line through `python cli.py bench
+# memory` (BENCHMARKS.md): predicted 1.27 GiB at 3,910 tokens (256p), 2.35 at 14,662 (540p SR), 8.92 at
+# 65,606 (1080p SR); this gives 1.29, 2.85 and 9.97 GiB.
+ACTIVATION_BASE_BYTES = int(0.8 * 2**30)
+BYTES_PER_TOKEN = 150_000
+
+
+def dit_tokens(latent_frames: int, latent_height: int, latent_width: int) -> int:
+    """Tokens of one DiT forward: video patches (2x2 latent cells), audio latents (4 per latent frame after
+    the first) and the 640 text tokens."""
+    return latent_frames * latent_height * latent_width // 4 + 4 * (latent_frames - 1) + 1 + 640
+
+
+def dit_activations(tokens: int, batched: bool) -> int:
+    """Activation bytes of a DiT forward of ``tokens`` tokens (twice with conditional and unconditional
+    batched)."""
+    return (ACTIVATION_BASE_BYTES + tokens * BYTES_PER_TOKEN) * (2 if batched else 1)
 
 
 @contextmanager
@@ -51,3 +73,20 @@ def on_device(model, nbytes: int):
     finally:
         model.to(mm.unet_offload_device())
         mm.soft_empty_cache()
+
+
+# Peak decode activations per output pixel (frames x height x width) of what is on the device at once, from
+# `bench memory` (bf16, 5 s clips): Turbo keeps 80 B per pixel of the whole clip (256p, 540p), or 192 B per
+# pixel of one 36-frame window when finished windows go to system memory (1080p); Wan 107 B per pixel.
+DECODE_BYTES_PER_PIXEL = {"turbo": 90, "turbo_window": 210, "wan": 110}
+TURBO_WINDOW_FRAMES = 36  # 9 latent frames with their context, 4x in time
+
+
+def decode_activations(decoder: str, latent_shape, offload_frames: bool, tile: int) -> int:
+    """Bytes a decode of a latent [1, 48, F, h, w] needs beside the decoder's weights."""
+    _, _, frames, h, w = latent_shape
+    if decoder == "turbo" and offload_frames:
+        return DECODE_BYTES_PER_PIXEL["turbo_window"] * TURBO_WINDOW_FRAMES * 256 * h * w
+    if decoder == "wan" and tile:
+        h, w = min(h, tile), min(w, tile)  # one spatial tile at a time
+    return DECODE_BYTES_PER_PIXEL[decoder] * (4 * frames - 3) * 256 * h * w

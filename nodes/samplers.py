@@ -15,7 +15,7 @@ from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
 from ..pipeline.sampling.sizes import FPS, MAX_SECONDS, ClipSize, clip_size
 from ..pipeline.sampling.stages import driving_audio, reference_latent
 from ..pipeline.sampling.windows import DEFAULT_WINDOWS
-from .memory import module_bytes, on_device
+from .memory import dit_activations, dit_tokens, module_bytes, on_device
 from .progress import sampling_hooks
 from .types import AUDIO_VAE, CONDITIONING, DIT, LATENT, VIDEO_VAE, LoadedDiT, MagiConditioning, VideoVAEs
 from .windows import DEFAULT_LONG_CLIP, WINDOWS
@@ -23,7 +23,6 @@ from .windows import DEFAULT_LONG_CLIP, WINDOWS
 log = logging.getLogger(__name__)
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-BYTES_PER_TOKEN = 170_000  # peak activations of one full-size DiT forward per token (bf16 MLP, fp32 residual)
 
 
 def guidance_scale(name: str, default: float, tooltip: str) -> io.Float.Input:
@@ -105,12 +104,12 @@ def run_base_stage(dit: LoadedDiT, cond: MagiConditioning, vaes: tuple, widgets:
     size = clip_size(clip_seconds(widgets["seconds"], cond), widgets["width"], widgets["height"])
     windows = long.windows(reference=cond.image is not None)
     image, sound = conditioning_latents(cond, size, *vaes, windows)
-    model = dit.managed.use()
+    frames = min(size.latent_frames, windows.latent_frames)  # a long clip runs one window at a time
+    tokens = dit_tokens(frames, size.latent_height, size.latent_width)
     device = mm.get_torch_device()
-    if batch == "auto":
-        frames = min(size.latent_frames, windows.latent_frames)  # a long clip runs one window at a time
-        tokens = frames * size.latent_height * size.latent_width // 4 + 4 * (frames - 1) + 1 + 640
-        batch = "batched" if mm.get_free_memory(device) > 3 * tokens * BYTES_PER_TOKEN else "sequential"
+    model = dit.managed.use(dit_activations(tokens, batch == "batched"))
+    if batch == "auto":  # decided with the DiT loaded: free memory is then what is left beside it
+        batch = "batched" if mm.get_free_memory(device) > 3 * dit_activations(tokens, False) else "sequential"
     request = BaseRequest(
         size=size, text=cond.prompt, seed=widgets["seed"], negative=cond.negative, image_latent=image,
         hooks=sampling_hooks(widgets["steps"]), device=device, batch_cfg=batch == "batched", mode=mode,

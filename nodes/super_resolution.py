@@ -12,6 +12,7 @@ from ..pipeline.sampling.requests import DEFAULT_STEPS, SRRequest
 from ..pipeline.sampling.scheduler import DEFAULT_SHIFT
 from ..pipeline.sampling.sizes import SR_TARGETS, clip_size
 from ..pipeline.sampling.super_resolution import AUDIO_NOISE_SCALE, NOISE_INDEX, SRGuidance, SRSettings
+from .memory import dit_activations, dit_tokens
 from .progress import sampling_hooks
 from .samplers import MAX_SEED, conditioning_latents, guidance_scale
 from .types import CONDITIONING, DIT, LATENT, VIDEO_VAE
@@ -153,7 +154,9 @@ class SuperResolution(io.ComfyNode):
             image_latent=image, hooks=sampling_hooks(settings.steps), device=mm.get_torch_device(),
             settings=settings, windows=(windows or DEFAULT_LONG_CLIP).windows(image is not None),
         )  # fmt: skip
-        model = sr_dit.managed.use()
+        frames = min(size.latent_frames, request.windows.latent_frames)  # one window at a time
+        tokens = dit_tokens(frames, size.latent_height, size.latent_width)
+        model = sr_dit.managed.use(dit_activations(tokens, batched=False))
         if sr_dit.workers is None:
             result = generate_long_sr(model, latent, request)
         else:  # every device runs the stage, this process returns it

@@ -61,3 +61,59 @@ def test_turbo_vae_norm_and_upsample_keep_values_without_whole_float32_copies(mo
     up = turbo_vae.NearestUp2x()(frames)
     reference = torch.nn.functional.interpolate(frames.float(), scale_factor=2.0, mode="nearest-exact")
     assert up.dtype == torch.bfloat16 and torch.equal(up.float(), reference)
+
+
+class ConvSizes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest input and output element counts any convolution op sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.conv3d, torch.ops.aten.convolution):
+            self.largest = max(self.largest, args[0].numel(), out.numel())
+        return out
+
+
+def test_turbo_convolutions_above_the_limit_run_in_exact_frame_chunks(monkeypatch):
+    config = turbo_vae.TurboConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=(1, 1, 1, 1, 1))
+    torch.manual_seed(0)
+    decoder = turbo_vae.Decoder3d(config).to(torch.bfloat16).eval()
+    z = torch.randn(1, 48, 3, 4, 6, dtype=torch.bfloat16)
+    with torch.inference_mode(), ConvSizes() as whole:
+        expected = decoder(z, first_chunk=False)
+    limit = 4000  # elements; the decoder's widest Conv3d sees 221K
+    monkeypatch.setattr(turbo_vae, "CONV_SPLIT_ELEMENTS", limit)
+    monkeypatch.setattr(turbo_vae, "CONV_CHUNK_ELEMENTS", limit * 10)
+    with torch.inference_mode(), ConvSizes() as split:
+        result = decoder(z, first_chunk=False)
+    assert whole.largest > 50 * limit
+    assert split.largest <= 10 * limit  # every conv above the limit ran in chunks of the chunk size
+    assert torch.equal(result, expected)
+
+
+def test_a_frame_chunked_conv_equals_the_whole_conv_at_every_chunk_size():
+    torch.manual_seed(1)
+    conv = turbo_vae.Conv3d(6, 5, 3)
+    x = torch.randn(1, 6, 7, 5, 4)
+    expected = conv(x)
+    for frames in (1, 2, 3, 7):
+        per_frame = 6 * 5 * 4
+        chunked = conv.forward_in_frame_chunks(x, per_frame * (frames + 2))
+        assert chunked.shape == expected.shape
+        assert torch.allclose(chunked, expected, rtol=0, atol=1e-6), frames
+
+
+def test_a_frame_chunked_conv_may_write_its_result_into_its_input():
+    torch.manual_seed(2)
+    conv = turbo_vae.Conv3d(6, 6, 3)
+    x = torch.randn(1, 6, 7, 5, 4)
+    expected = conv(x)
+    per_frame = 6 * 5 * 4
+    for frames in (1, 2, 3, 7):
+        source = x.clone()
+        result = conv.forward_in_frame_chunks(source, per_frame * (frames + 2), overwrite_input=True)
+        assert result.data_ptr() == source.data_ptr()  # no second activation
+        assert torch.allclose(result, expected, rtol=0, atol=1e-6), frames

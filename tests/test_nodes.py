@@ -199,12 +199,28 @@ def test_models_are_registered_and_room_is_made(comfy, stack):
     comfy.mm.calls.clear()
     sample(comfy, stack)
     loads = [args for name, args in comfy.mm.calls if name == "load_models_gpu"]
-    # The DiT, through its ModelPatcher, whole: our layers cannot run from ComfyUI's partial low-VRAM load.
-    assert loads == [{"count": 1, "force_full_load": True}]
+    # The DiT, through its ModelPatcher, whole: our layers cannot run from ComfyUI's partial low-VRAM load;
+    # ComfyUI is told the forward's activations (0.96 s at 64x64: 25 frames -> 7 latent frames of 4x4).
+    from magihuman.nodes.memory import ACTIVATION_BASE_BYTES, BYTES_PER_TOKEN
+
+    needed = ACTIVATION_BASE_BYTES + (7 * 4 * 4 // 4 + 4 * 6 + 1 + 640) * BYTES_PER_TOKEN
+    assert loads == [{"count": 1, "memory_required": needed, "force_full_load": True}]
     assert stack["dit"].managed.patcher.size > 0
     comfy.mm.calls.clear()
     run(comfy, "TextEncode", text_encoder=stack["text_encoder"], prompt="a new prompt", negative_prompt="x")
     assert comfy.mm.calls[0][0] == "free_memory"  # the encoder visits the GPU only after making room
+
+
+def test_decodes_ask_comfyui_for_their_activations(comfy, stack):
+    latent = sample(comfy, stack)
+    comfy.mm.calls.clear()
+    run(comfy, "Decode", latent=latent, vae=stack["vae"], audio_vae=stack["audio_vae"], decoder="turbo",
+        offload_frames=False, tile=0)  # fmt: skip
+    weights = sum(t.nbytes for t in [*stack["vae"].turbo.parameters(), *stack["vae"].turbo.buffers()])
+    pixels = (4 * 7 - 3) * 64 * 64
+    from magihuman.nodes.memory import DECODE_BYTES_PER_PIXEL
+
+    assert comfy.mm.calls[0] == ("free_memory", weights + DECODE_BYTES_PER_PIXEL["turbo"] * pixels)
 
 
 def test_missing_model_files_say_where_they_go_and_where_they_come_from(comfy):
@@ -259,3 +275,26 @@ def test_the_dit_loads_to_the_offload_device_and_comfyui_brings_it_in(comfy, sta
     assert dit.managed.patcher.load_device == torch.device("meta")
     swap = dit.managed.model.block_swap
     assert swap.device == torch.device("meta") and len(swap.layers) == 2
+
+
+def test_text_encoder_auto_precision_follows_the_card_size(comfy, monkeypatch):
+    from magihuman.pipeline.codecs.text_encoder import encoder_bytes
+
+    folder = comfy.models / "text_encoders" / "t5gemma-9b-9b-ul2"
+    bf16, fp8 = encoder_bytes(folder, fp8=False), encoder_bytes(folder, fp8=True)
+    reserve = comfy.mm.minimum_inference_memory()
+    monkeypatch.setattr(comfy.mm, "get_torch_device", lambda: torch.device("cuda"))
+    chosen = {}
+    for name, total in (("roomy", bf16 + reserve), ("tight", bf16 + reserve - 1), ("tiny", fp8 - 1)):
+        monkeypatch.setattr(comfy.mm, "total_memory", total)
+        (loaded,) = run(
+            comfy, "TextEncoderLoader", text_encoder="t5gemma-9b-9b-ul2/", weights="auto", device="gpu"
+        )
+        chosen[name] = (loaded.encoder.name.endswith(" fp8"), loaded.run_on_gpu)
+    assert chosen == {"roomy": (False, True), "tight": (True, True), "tiny": (False, False)}
+    (on_cpu,) = run(
+        comfy, "TextEncoderLoader", text_encoder="t5gemma-9b-9b-ul2/", weights="auto", device="cpu"
+    )
+    assert not on_cpu.run_on_gpu and not on_cpu.encoder.name.endswith(" fp8")
+    inputs = {i.id: i for i in node(comfy, "TextEncoderLoader").define_schema().inputs}
+    assert inputs["weights"].default == "auto"

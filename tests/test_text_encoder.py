@@ -146,3 +146,24 @@ def test_negative_prompt_keeps_its_audio_and_speech_segments():
     )
     assert "cheap sound, emotionless, flat delivery" in NEGATIVE_PROMPT
     assert NEGATIVE_PROMPT.endswith("out of tune, off-key, autotune artifacts")
+
+
+def test_encoder_bytes_match_the_loaded_weights_and_pick_the_auto_precision(hf_folder):
+    from magihuman.pipeline.codecs.text_encoder import (
+        ENCODE_ACTIVATION_BYTES,
+        choose_precision,
+        encoder_bytes,
+    )
+
+    def weight_bytes(encoder):
+        model = encoder.model
+        return sum(t.nbytes for t in [*model.parameters(), *model.buffers()] if t.dtype != torch.float32)
+
+    bf16, fp8 = encoder_bytes(hf_folder, fp8=False), encoder_bytes(hf_folder, fp8=True)
+    assert bf16 - ENCODE_ACTIVATION_BYTES == weight_bytes(load_text_encoder(hf_folder))
+    loaded_fp8 = weight_bytes(load_text_encoder(hf_folder, fp8=True))  # FP8 rows padded to 16
+    assert 0 <= loaded_fp8 - (fp8 - ENCODE_ACTIVATION_BYTES) <= 0.2 * loaded_fp8
+    assert fp8 < bf16
+    assert choose_precision(hf_folder, bf16) == (False, True)
+    assert choose_precision(hf_folder, bf16 - 1) == (True, True)
+    assert choose_precision(hf_folder, fp8 - 1) == (False, False)

@@ -157,6 +157,37 @@ def _encoder_state(checkpoint: Checkpoint) -> dict[str, str]:
     return mapping
 
 
+# Activation memory of one encode at the 640-token cap, with margin: `bench memory` predicts 0.08 GiB (bf16)
+# and 0.09 GiB (fp8) for the full-size encoder.
+ENCODE_ACTIVATION_BYTES = 256 * 2**20
+
+
+def encoder_bytes(path: str | Path, fp8: bool) -> int:
+    """Device bytes of the loaded encoder (weights in bf16, or its block linears in FP8) plus one encode's
+    activations, from the checkpoint headers (nothing is read). FP8 row padding and scales are not counted:
+    a fraction of a percent."""
+    checkpoint = Checkpoint(_files(Path(path))[1])
+    total = ENCODE_ACTIVATION_BYTES
+    for key, source in _encoder_state(checkpoint).items():
+        shape = checkpoint.info(source).shape
+        numel = 1
+        for size in shape:
+            numel *= size
+        quantized = fp8 and key.endswith(".weight") and ".layers." in key and len(shape) == 2
+        total += numel * (1 if quantized else 2)
+    return total
+
+
+def choose_precision(path: str | Path, available: int) -> tuple[bool, bool]:
+    """(fp8, on the device) for the "auto" setting: bf16 on the device when it fits in ``available`` bytes
+    (device memory less ComfyUI's reserve), else FP8 on the device, else bf16 on the CPU."""
+    if encoder_bytes(path, fp8=False) <= available:
+        return False, True
+    if encoder_bytes(path, fp8=True) <= available:
+        return True, True
+    return False, False
+
+
 def load_text_encoder(
     path: str | Path,
     device: torch.device | str = "cpu",

@@ -2,6 +2,7 @@
 its JSON config and run over the latent frames in overlapping windows. Module names follow the checkpoint keys
 (``decoder.conv_in.conv.weight``, ``decoder.up_blocks.0.upsamplers.0.time_conv.conv.weight``, ...)."""
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +22,16 @@ from .wan_stats import denormalize
 # CUDA's nearest upsample was silently wrong above 2**31 output elements before pytorch#141923.
 CHUNK_ELEMENTS = 1 << 26
 
+# A k=3 Conv3d whose input or output has more than 2**31 elements (a 1080p window's 128-wide ResBlock input is
+# [1, 128, 38, 544, 960] = 2.5e9) cannot be split by batch at N = 1: before cuDNN 9.3 torch then falls back
+# to slow_conv3d, whose column buffer is about 130 GB (GPU_REVIEW.md O5). Such convs run in chunks of output
+# frames of at most CONV_CHUNK_ELEMENTS input and output elements each (512 MB in bf16, which also bounds
+# the transient padded copy).
+CONV_SPLIT_ELEMENTS = 1 << 31
+CONV_CHUNK_ELEMENTS = 1 << 28
 
-def rms_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
+
+def rms_channels(x: torch.Tensor, eps: float, inplace: bool = False) -> torch.Tensor:
     """RMS-normalise over channels (dim 1) with a float32 variance; no affine weight; dtype kept. The variance
     is computed in slices along dim 2 and the product is computed in float32 and stored in x's dtype, so no
     float32 copy of the whole activation is made (same values as ``(x * rsqrt(mean(x.float()²))).to(x.dtype)``
@@ -33,7 +42,8 @@ def rms_channels(x: torch.Tensor, eps: float) -> torch.Tensor:
         variance[:, :, start : start + step] = (
             x[:, :, start : start + step].float().pow(2).mean(1, keepdim=True)
         )
-    return torch.mul(x, variance.add_(eps).rsqrt_(), out=torch.empty_like(x))
+    # In place or not, the product is computed in float32 and stored in x's dtype: the same values.
+    return torch.mul(x, variance.add_(eps).rsqrt_(), out=x if inplace else torch.empty_like(x))
 
 
 class Conv3d(nn.Module):
@@ -46,15 +56,51 @@ class Conv3d(nn.Module):
         self.pointwise = (kt, kh, kw) == (1, 1, 1)
         self.conv = nn.Conv3d(cin, cout, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, overwrite_input: bool = False) -> torch.Tensor:
+        """``overwrite_input``: x is a temporary the caller drops; a frame-chunked conv of the same output
+        shape may write its result into x's memory (one 4.8 GB activation less at 1080p)."""
         if self.pointwise:
             return pointwise_conv3d(x, self.conv.weight, self.conv.bias)
+        frames_out = x.shape[2] + 2 * self.pad_t - self.conv.kernel_size[0] + 1
+        out_elements = x[:, :1, :1].numel() * self.conv.out_channels * frames_out
+        if max(x.numel(), out_elements) > CONV_SPLIT_ELEMENTS:
+            return self.forward_in_frame_chunks(x, CONV_CHUNK_ELEMENTS, overwrite_input)
         if self.pad_t:
             first, last = x[:, :, :1], x[:, :, -1:]
             x = torch.cat(
                 [first.expand(-1, -1, self.pad_t, -1, -1), x, last.expand(-1, -1, self.pad_t, -1, -1)], 2
             )
         return self.conv(x)
+
+    def forward_in_frame_chunks(
+        self, x: torch.Tensor, chunk_elements: int, overwrite_input: bool = False
+    ) -> torch.Tensor:
+        """The same convolution, a few output frames at a time. The conv pads nothing in time, so output
+        frame t reads only (padded) input frames t .. t+kt-1: each chunk computes the very sums of the whole.
+        A chunk's input is gathered with its replicate padding in one copy (no padded whole activation).
+        With ``overwrite_input`` (and an output of x's shape) chunk outputs go into x: later chunks read
+        input frames from stop - pad_t on, so those are saved before each write (the halo)."""
+        b, _, t, h, w = x.shape
+        kt, pad = self.conv.kernel_size[0], self.pad_t
+        frames_out = t + 2 * pad - kt + 1
+        per_frame_in, per_frame_out = b * x.shape[1] * h * w, b * self.conv.out_channels * h * w
+        step = max(1, min(chunk_elements // per_frame_out, chunk_elements // per_frame_in - (kt - 1)))
+        in_place = overwrite_input and (self.conv.out_channels, frames_out) == (x.shape[1], t) and step >= pad
+        out = x if in_place else x.new_empty(b, self.conv.out_channels, frames_out, h, w)
+        halo = None  # input frames start - pad .. start - 1, saved before the previous chunk overwrote them
+        for start in range(0, frames_out, step):
+            stop = min(start + step, frames_out)
+            # padded frame i is input frame clamp(i - pad_t, 0, t-1): the edge frame repeats
+            index = torch.arange(start, stop + kt - 1, device=x.device).sub_(pad).clamp_(0, t - 1)
+            chunk = x.index_select(2, index)
+            if halo is not None:
+                chunk[:, :, :pad] = halo
+            result = self.conv(chunk)
+            del chunk
+            if in_place and pad:
+                halo = x[:, :, stop - pad : stop].clone()
+            out[:, :, start:stop] = result
+        return out
 
 
 class ResBlock(nn.Module):
@@ -70,11 +116,13 @@ class ResBlock(nn.Module):
         self.conv_shortcut = Conv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.first_act(rms_channels(x, 1e-8)))
-        h = self.conv2(F.silu(rms_channels(h, 1e-8)))
+        # At 1080p each [1, 128, 36, 544, 960] activation is 4.8 GB: activations run in place and each
+        # intermediate is reused (norm, activation, chunked conv in place): x and h live, plus conv chunks.
+        h = self.conv1(self.first_act(rms_channels(x, 1e-8), inplace=True), overwrite_input=True)
+        h = self.conv2(F.silu(rms_channels(h, 1e-8, inplace=True), inplace=True), overwrite_input=True)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(rms_channels(x, self.eps))
-        return h + x
+        return h.add_(x)
 
 
 class NearestUp2x(nn.Module):
@@ -121,13 +169,18 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(cout, temporal=not spatial_only)]) if scale else None
         self.resnets = nn.ModuleList(ResBlock(cout, cout, eps, relu_first=scale) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
-        if self.conv_in is not None:
-            x = self.conv_in(x)
+    def steps(self, first_chunk: bool) -> list:
+        """The block as a sequence of one-input callables: a caller that runs them in turn holds only the
+        current activation (a caller of ``forward`` keeps the block's input alive to the end: 2.2 GB at
+        1080p)."""
+        steps = [] if self.conv_in is None else [self.conv_in]
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, first_chunk)
-        for resnet in self.resnets:
-            x = resnet(x)
+            steps.append(functools.partial(self.upsamplers[0], first_chunk=first_chunk))
+        return [*steps, *self.resnets]
+
+    def forward(self, x: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        for step in self.steps(first_chunk):
+            x = step(x)
         return x
 
 
@@ -210,8 +263,8 @@ class Decoder3d(nn.Module):
 
     def forward(self, z: torch.Tensor, first_chunk: bool) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x, first_chunk)
+        for step in [step for block in self.up_blocks for step in block.steps(first_chunk)]:
+            x = step(x)
         x = self.conv_out(F.silu(rms_channels(x, 1e-8)))  # [B, C·p·p, T, H, W]
         b, cpp, t, h, w = x.shape
         p = self.patch_size

@@ -36,8 +36,19 @@ def supports_fp8_compute(device=None) -> bool:
     return False
 
 
+total_memory = 64 * 2**30  # tests set it to stand for a smaller card
+
+
 def get_free_memory(dev=None, torch_free_too=False):
     return 64 * 2**30
+
+
+def get_total_memory(dev=None, torch_total_too=False):
+    return total_memory
+
+
+def minimum_inference_memory():
+    return int(0.8 * 2**30) + 400 * 2**20  # ComfyUI's 0.8 GiB plus its default extra reserve
 
 
 def free_memory(memory_required, device, keep_loaded=()):
@@ -46,7 +57,8 @@ def free_memory(memory_required, device, keep_loaded=()):
 
 def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                     force_full_load=False):  # fmt: skip
-    calls.append(("load_models_gpu", {"count": len(models), "force_full_load": force_full_load}))
+    calls.append(("load_models_gpu", {"count": len(models), "memory_required": memory_required,
+                                      "force_full_load": force_full_load}))  # fmt: skip
     for patcher in models:
         if patcher not in loaded:
             loaded.append(patcher)
