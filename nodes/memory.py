@@ -76,9 +76,9 @@ def on_device(model, nbytes: int):
 
 
 # Peak decode activations per output pixel (frames x height x width) of what is on the device at once, from
-# `bench memory` (bf16, 5 s clips): Turbo keeps 80 B per pixel of the whole clip (256p, 540p), or 192 B per
-# pixel of one 36-frame window when finished windows go to system memory (1080p); Wan 107 B per pixel.
-DECODE_BYTES_PER_PIXEL = {"turbo": 90, "turbo_window": 210, "wan": 110}
+# `bench memory` (bf16, 5 s clips): Turbo keeps 80 B per pixel of the whole clip (256p, 540p), or per
+# pixel of one 36-frame window when finished windows go to system memory (1080p: 146 B); Wan 107 B per pixel.
+DECODE_BYTES_PER_PIXEL = {"turbo": 90, "turbo_window": 160, "wan": 110}
 TURBO_WINDOW_FRAMES = 36  # 9 latent frames with their context, 4x in time
 
 

@@ -117,3 +117,24 @@ def test_a_frame_chunked_conv_may_write_its_result_into_its_input():
         result = conv.forward_in_frame_chunks(source, per_frame * (frames + 2), overwrite_input=True)
         assert result.data_ptr() == source.data_ptr()  # no second activation
         assert torch.allclose(result, expected, rtol=0, atol=1e-6), frames
+
+
+def test_a_width_changing_resblock_adds_its_shortcut_in_frame_chunks_with_the_same_values(monkeypatch):
+    torch.manual_seed(3)
+    block = turbo_vae.ResBlock(8, 4, 1e-6).to(torch.bfloat16).eval()
+    x = torch.randn(1, 8, 5, 3, 4, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = block(x)
+        monkeypatch.setattr(turbo_vae, "CHUNK_ELEMENTS", 8 * 3 * 4)  # one frame at a time
+        sizes = []
+        shortcut = block.conv_shortcut.forward
+        monkeypatch.setattr(block.conv_shortcut, "forward", lambda t: sizes.append(t.shape[2]) or shortcut(t))
+        chunked = block(x)
+    assert sizes == [1] * 5 and torch.equal(chunked, expected)
+
+
+def test_one_1080p_turbo_window_is_predicted_within_12_gb():
+    from magihuman.benchmarks.memory_codecs import predict_decode
+
+    window = predict_decode("turbo", "1080p")  # fake tensors: nothing is allocated
+    assert window.resident + window.activations <= 12e9

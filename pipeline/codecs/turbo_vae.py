@@ -4,7 +4,7 @@ its JSON config and run over the latent frames in overlapping windows. Module na
 
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +24,14 @@ CHUNK_ELEMENTS = 1 << 26
 
 # A k=3 Conv3d whose input or output has more than 2**31 elements (a 1080p window's 128-wide ResBlock input is
 # [1, 128, 38, 544, 960] = 2.5e9) cannot be split by batch at N = 1: before cuDNN 9.3 torch then falls back
-# to slow_conv3d, whose column buffer is about 130 GB (GPU_REVIEW.md O5). Such convs run in chunks of output
-# frames of at most CONV_CHUNK_ELEMENTS input and output elements each (512 MB in bf16, which also bounds
-# the transient padded copy).
-CONV_SPLIT_ELEMENTS = 1 << 31
+# to slow_conv3d, whose column buffer is about 130 GB (GPU_REVIEW.md O5). Convs above 2**29 elements (the
+# 64-wide ones at 1080p too) run in chunks of output frames of at most CONV_CHUNK_ELEMENTS input and output
+# elements each (512 MB in bf16): no whole padded or normalised copy of their input is then made either
+# (one 1080p window: 13.4 -> 10.2 GiB predicted).
+CONV_SPLIT_ELEMENTS = 1 << 29
 CONV_CHUNK_ELEMENTS = 1 << 28
+
+Prepare = Callable[[torch.Tensor], torch.Tensor]
 
 
 def rms_channels(x: torch.Tensor, eps: float, inplace: bool = False) -> torch.Tensor:
@@ -56,15 +59,21 @@ class Conv3d(nn.Module):
         self.pointwise = (kt, kh, kw) == (1, 1, 1)
         self.conv = nn.Conv3d(cin, cout, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
 
-    def forward(self, x: torch.Tensor, overwrite_input: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, overwrite_input: bool = False, prepare: Prepare | None = None
+    ) -> torch.Tensor:
         """``overwrite_input``: x is a temporary the caller drops; a frame-chunked conv of the same output
-        shape may write its result into x's memory (one 4.8 GB activation less at 1080p)."""
+        shape may write its result into x's memory (one 4.8 GB activation less at 1080p). ``prepare``: a
+        per-position, in-place function (norm, activation) of the conv's input, applied to x's copy, or to
+        each chunk of a frame-chunked conv, so no prepared copy of the whole of x is made."""
         if self.pointwise:
             return pointwise_conv3d(x, self.conv.weight, self.conv.bias)
         frames_out = x.shape[2] + 2 * self.pad_t - self.conv.kernel_size[0] + 1
         out_elements = x[:, :1, :1].numel() * self.conv.out_channels * frames_out
         if max(x.numel(), out_elements) > CONV_SPLIT_ELEMENTS:
-            return self.forward_in_frame_chunks(x, CONV_CHUNK_ELEMENTS, overwrite_input)
+            return self.forward_in_frame_chunks(x, CONV_CHUNK_ELEMENTS, overwrite_input, prepare)
+        if prepare is not None:
+            x = prepare(x.clone())
         if self.pad_t:
             first, last = x[:, :, :1], x[:, :, -1:]
             x = torch.cat(
@@ -73,7 +82,11 @@ class Conv3d(nn.Module):
         return self.conv(x)
 
     def forward_in_frame_chunks(
-        self, x: torch.Tensor, chunk_elements: int, overwrite_input: bool = False
+        self,
+        x: torch.Tensor,
+        chunk_elements: int,
+        overwrite_input: bool = False,
+        prepare: Prepare | None = None,
     ) -> torch.Tensor:
         """The same convolution, a few output frames at a time. The conv pads nothing in time, so output
         frame t reads only (padded) input frames t .. t+kt-1: each chunk computes the very sums of the whole.
@@ -95,6 +108,8 @@ class Conv3d(nn.Module):
             chunk = x.index_select(2, index)
             if halo is not None:
                 chunk[:, :, :pad] = halo
+            if prepare is not None:
+                chunk = prepare(chunk)  # per position: the padded frames are prepared copies of edge frames
             result = self.conv(chunk)
             del chunk
             if in_place and pad:
@@ -115,14 +130,27 @@ class ResBlock(nn.Module):
         self.conv2 = Conv3d(cout, cout, 3)
         self.conv_shortcut = Conv3d(cin, cout, 1) if cin != cout else None
 
+    def prepare_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The first norm and activation, in place (conv1 applies it to copies: x is still needed)."""
+        return self.first_act(rms_channels(x, 1e-8, inplace=True), inplace=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # At 1080p each [1, 128, 36, 544, 960] activation is 4.8 GB: activations run in place and each
-        # intermediate is reused (norm, activation, chunked conv in place): x and h live, plus conv chunks.
-        h = self.conv1(self.first_act(rms_channels(x, 1e-8), inplace=True), overwrite_input=True)
+        # At 1080p each [1, 128, 36, 544, 960] activation is 4.8 GB: conv1 normalises and activates its
+        # input chunk by chunk, conv2 runs in place over h, the shortcut is added chunk by chunk: only x and h
+        # live, plus chunks.
+        h = self.conv1(x, prepare=self.prepare_first)
         h = self.conv2(F.silu(rms_channels(h, 1e-8, inplace=True), inplace=True), overwrite_input=True)
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(rms_channels(x, self.eps))
-        return h.add_(x)
+        if self.conv_shortcut is None:
+            return h.add_(x)
+        # The normalised 1x1x1 shortcut a few frames at a time, added into h: the norm and the conv act per
+        # position, so chunks give the same values, and no whole normalised copy of x (4.8 GB) nor whole
+        # shortcut output (2.4 GB) is made at 1080p.
+        step = max(1, CHUNK_ELEMENTS // max(1, x[:, :, :1].numel()))
+        for start in range(0, x.shape[2], step):
+            h[:, :, start : start + step] += self.conv_shortcut(
+                rms_channels(x[:, :, start : start + step], self.eps)
+            )
+        return h
 
 
 class NearestUp2x(nn.Module):
