@@ -17,6 +17,22 @@ from .memory import decode_activations, module_bytes, on_device
 from .types import AUDIO_VAE, LATENT, VIDEO_VAE
 
 
+def decode_inputs() -> list:
+    """The inputs both decode nodes share: the latent, the decoders and which video decoder runs."""
+    return [
+        LATENT.Input("latent", tooltip="From a MagiHuman sampler or super-resolution."),
+        VIDEO_VAE.Input("vae", tooltip="From MagiHuman Video VAE Loader."),
+        AUDIO_VAE.Input("audio_vae", tooltip="From MagiHuman Audio VAE Loader."),
+        io.Combo.Input(
+            "decoder",
+            options=["turbo", "wan"],
+            default="turbo",
+            tooltip="turbo: the fast Turbo VAE decoder (official default); wan: the full Wan2.2 VAE "
+            "decoder (slower, heavier).",
+        ),
+    ]
+
+
 class Decode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -27,16 +43,7 @@ class Decode(io.ComfyNode):
             description="Decodes a MagiHuman latent to video frames and stereo sound, plus a VIDEO (25 fps, "
             "with sound) for SaveVideo.",
             inputs=[
-                LATENT.Input("latent", tooltip="From a MagiHuman sampler or super-resolution."),
-                VIDEO_VAE.Input("vae", tooltip="From MagiHuman Video VAE Loader."),
-                AUDIO_VAE.Input("audio_vae", tooltip="From MagiHuman Audio VAE Loader."),
-                io.Combo.Input(
-                    "decoder",
-                    options=["turbo", "wan"],
-                    default="turbo",
-                    tooltip="turbo: the fast Turbo VAE decoder (official default); wan: the full "
-                    "Wan2.2 VAE decoder (slower, heavier).",
-                ),
+                *decode_inputs(),
                 io.Boolean.Input(
                     "offload_frames",
                     default=False,
@@ -91,18 +98,7 @@ class DecodeToFile(io.ComfyNode):
             "(H.264 + AAC, 25 fps) in ComfyUI's temp folder and gives it as a VIDEO for SaveVideo. Memory "
             "stays that of one decoder window at any length (MagiHuman Decode holds every frame as an "
             "IMAGE: 1.4 MB a frame at 448x256, 25 MB at 1080p).",
-            inputs=[
-                LATENT.Input("latent", tooltip="From a MagiHuman sampler or super-resolution."),
-                VIDEO_VAE.Input("vae", tooltip="From MagiHuman Video VAE Loader."),
-                AUDIO_VAE.Input("audio_vae", tooltip="From MagiHuman Audio VAE Loader."),
-                io.Combo.Input(
-                    "decoder",
-                    options=["turbo", "wan"],
-                    default="turbo",
-                    tooltip="turbo: the fast Turbo VAE decoder (official default); wan: the full "
-                    "Wan2.2 VAE decoder (slower, heavier).",
-                ),
-            ],  # fmt: skip
+            inputs=decode_inputs(),
             outputs=[io.Video.Output(display_name="video"), io.Audio.Output(display_name="audio")],
         )
 

@@ -32,7 +32,6 @@ from .model_lists import (
 from .types import AUDIO_VAE, DIT, TEXT_ENCODER, VIDEO_VAE, LoadedDiT, LoadedTextEncoder, VideoVAEs
 
 CATEGORY = "MagiHuman/loaders"
-WORKER_TIMEOUT_S = 120.0  # how long a device waits for another inside a run before the run fails
 NONE = "none"
 
 
@@ -163,7 +162,7 @@ def worker_pool(settings: LoadSettings, device, gpus: int) -> WorkerPool:
         devices = [torch.device("cpu")] * (gpus - 1)
     else:
         raise InputError(f"gpus > 1 needs CUDA GPUs (or the CPU, for testing); ComfyUI runs on {device}")
-    pool = WorkerPool(settings, device, devices, timeout_s=WORKER_TIMEOUT_S)
+    pool = WorkerPool(settings, device, devices)
     pool.start()
     return pool
 

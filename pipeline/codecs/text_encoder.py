@@ -4,6 +4,7 @@ fp16, pad or trim to 640 rows and keep the real length. Only the encoder's weigh
 
 import json
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,9 +171,7 @@ def encoder_bytes(path: str | Path, fp8: bool) -> int:
     total = ENCODE_ACTIVATION_BYTES
     for key, source in _encoder_state(checkpoint).items():
         shape = checkpoint.info(source).shape
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         quantized = fp8 and key.endswith(".weight") and ".layers." in key and len(shape) == 2
         total += numel * (1 if quantized else 2)
     return total
