@@ -3,6 +3,7 @@ hardware has FP8 matmuls and by dequantizing elsewhere. Optionally several exper
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,54 @@ from .quantize import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Weight, Granularity
 ALIGN = 16
 # Elements per chunk of the activation quantization (float32 temporaries of 64 MB).
 QUANT_ELEMENTS = 1 << 24
+
+
+# Output elements of one GEMM call above which a block linear runs in row chunks: 128 MiB of bf16 output (at
+# the DiT's widest output, 27,304 columns, chunks of 2,457 rows: still full-size GEMMs).
+ROW_CHUNK_ELEMENTS = 1 << 26
+
+Epilogue = Callable[[torch.Tensor], torch.Tensor]  # row-wise: [rows, N] bf16 -> [rows, W]
+ExpertMatmul = Callable[[torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def rows_per_chunk(width: int) -> int:
+    """Rows of one chunk of row-wise work (a GEMM call, a norm) with ``width`` output columns."""
+    return max(1, ROW_CHUNK_ELEMENTS // width)
+
+
+def chunked_experts(
+    x: torch.Tensor,
+    splits: tuple[int, ...],
+    width: int,
+    expert_matmul: ExpertMatmul,
+    epilogue: Epilogue | None,
+) -> torch.Tensor:
+    """A stacked-expert linear over x [S, K] whose rows are grouped by expert in ``splits``, in row chunks.
+
+    ``expert_matmul(rows, e)`` prepares expert ``e`` from all of its rows (e.g. their activation scale) and
+    returns the matmul of a chunk of them ([r, K] -> [r, width] bf16). ``epilogue`` maps each chunk's output
+    row-wise as soon as it exists. One expert in one chunk returns its GEMM's output itself (no copy)."""
+    step = rows_per_chunk(width)
+    used = [expert for expert, count in enumerate(splits) if count]
+    if not used:  # an expert's activation scale over no rows would raise
+        y = x.new_empty((0, width), dtype=torch.bfloat16)
+        return y if epilogue is None else epilogue(y)
+    if len(used) == 1 and x.shape[0] <= step:
+        y = expert_matmul(x, used[0])(x)  # [S, width]
+        return y if epilogue is None else epilogue(y)
+    out, start = None, 0
+    for expert, count in enumerate(splits):
+        rows = x[start : start + count]
+        matmul = expert_matmul(rows, expert) if count else None
+        for offset in range(0, count, step):
+            part = matmul(rows[offset : offset + step])  # [r, width]
+            part = part if epilogue is None else epilogue(part)  # [r, W]
+            if out is None:
+                out = x.new_empty((x.shape[0], part.shape[1]), dtype=part.dtype)  # [S, W]
+            out[start + offset : start + offset + part.shape[0]] = part
+            del part  # freed before the next chunk's GEMM allocates its output
+        start += count
+    return out
 
 
 def _round_up(n: int) -> int:
@@ -268,40 +317,40 @@ class Fp8Linear(nn.Module):
 
     # ---- compute ----
 
-    def forward(self, x: torch.Tensor, splits: tuple[int, ...] | None = None) -> torch.Tensor:
-        """x [S, in_features] bf16, rows grouped by expert in ``splits`` order -> [S, out_features] bf16."""
+    def forward(
+        self, x: torch.Tensor, splits: tuple[int, ...] | None = None, epilogue: Epilogue | None = None
+    ) -> torch.Tensor:
+        """x [S, in_features] bf16, rows grouped by expert in ``splits`` order -> [S, out_features] bf16, or
+        ``epilogue`` of it. Above :func:`rows_per_chunk` rows the GEMMs run in row chunks, each expert's
+        activation scale taken over all its rows first (every row is quantized as without chunks), and
+        ``epilogue`` (a row-wise function, e.g. the MLP's activation) is applied to each chunk as it is
+        produced: the whole [S, out_features] output never exists (3.6 GB for an up_gate_proj at 1080p SR)."""
         splits = (x.shape[0],) if splits is None else splits
         if len(splits) != self.num_experts:
             raise ValueError(f"Fp8Linear with {self.num_experts} experts got {len(splits)} splits {splits}")
-        matmul = self._fp8_matmul if self.path == FP8_MATMUL else self._dequantized_matmul
-        if len(splits) == 1 or sum(1 for count in splits if count) == 1:
-            expert = next((e for e, count in enumerate(splits) if count), 0)
-            if not x.shape[0]:  # amax of an empty tensor would raise
-                return x.new_empty((0, self.out_features), dtype=torch.bfloat16)
-            return matmul(x, expert)  # [S, N], row-strided where N was padded: no copy of the output
-        y = x.new_empty((x.shape[0], self.out_features), dtype=torch.bfloat16)  # [S, N]
-        start = 0
-        for expert, count in enumerate(splits):
-            if count:  # an expert may get no tokens (and amax of an empty tensor would raise)
-                y[start : start + count] = matmul(x[start : start + count], expert)
-            start += count
-        return y
+        expert_matmul = self._fp8_expert if self.path == FP8_MATMUL else self._dequantized_expert
+        return chunked_experts(x, splits, self.out_features, expert_matmul, epilogue)
 
     def _bias(self, expert: int) -> torch.Tensor | None:
         if self.bias is None:
             return None
         return self.bias[expert * self.out_features : (expert + 1) * self.out_features]
 
-    def _fp8_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        n = self.out_features
-        # Dynamic per-tensor activation scale, kept on the device (no host sync). amax/448 is rounded in the
-        # input dtype before going to float32, exactly as the published FP8 runtime does, so outputs match it.
+    def _fp8_expert(self, x: torch.Tensor, expert: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The matmul of expert ``expert`` for row chunks of its rows ``x`` [tokens, K]."""
+        n, bias = self.out_features, self._bias(expert)
+        # Dynamic per-tensor activation scale over all the expert's rows, kept on the device (no host sync).
+        # amax/448 is rounded in the input dtype before going to float32, exactly as the published FP8 runtime
+        # does, so outputs match it.
         amax = torch.linalg.vector_norm(x, ord=math.inf).clamp(min=MIN_AMAX)
         x_scale = (amax / FP8_MAX).to(torch.float32)
-        x8 = self.scale_input(x, x_scale, self.padded_in)  # [tokens, K_padded] FP8
-        y = self._gemm(x8, x_scale, expert)[:, :n]  # [tokens, N]
-        bias = self._bias(expert)
-        return y if bias is None else y + bias.to(torch.bfloat16)
+
+        def matmul(rows: torch.Tensor) -> torch.Tensor:
+            x8 = self.scale_input(rows, x_scale, self.padded_in)  # [rows, K_padded] FP8
+            y = self._gemm(x8, x_scale, expert)[:, :n]  # [rows, N]
+            return y if bias is None else y + bias.to(torch.bfloat16)
+
+        return matmul
 
     def _gemm(self, x8: torch.Tensor, x_scale: torch.Tensor, expert: int) -> torch.Tensor:
         """x8 [tokens, K_padded] FP8 with its 0-dim scale -> [tokens, N_padded] bf16 for one expert."""
@@ -331,7 +380,8 @@ class Fp8Linear(nn.Module):
             y.mul_(row_scale)
         return y
 
-    def _dequantized_matmul(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+    def _dequantized_expert(self, x: torch.Tensor, expert: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The matmul of expert ``expert`` for row chunks of its rows, with its weight dequantized once."""
         n, dtype = self.out_features, self.compute_dtype
         if self.granularity is Granularity.ROW:
             scale = self.weight_scale[expert * n : (expert + 1) * n, None]  # [N, 1]
@@ -340,5 +390,5 @@ class Fp8Linear(nn.Module):
         # One rounding: FP8 values are exact in bf16/fp32, and the multiply runs in float32 before the store.
         weight = self.weight[expert * n : (expert + 1) * n].to(dtype).mul_(scale)  # [N, K]
         bias = self._bias(expert)
-        y = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))  # [tokens, N]
-        return y.to(torch.bfloat16)
+        bias = None if bias is None else bias.to(dtype)
+        return lambda rows: F.linear(rows.to(dtype), weight, bias).to(torch.bfloat16)  # [rows, N]

@@ -2,14 +2,20 @@
 torch build has a _scaled_mm): chunked quantization, no copy of the padded output; and the device-free
 memory model agrees with the same forward counted on real tensors."""
 
+import dataclasses
+
+import pytest
 import torch
+from conftest import FIXTURES
 from magihuman.benchmarks.live_bytes import LiveBytes
 from magihuman.benchmarks.memory_model import measure_forward_cpu, predict_forward
 from magihuman.fp8 import linear as fp8_linear
 from magihuman.fp8.linear import Fp8Linear
 from magihuman.fp8.quantize import quantize
 from magihuman.pipeline.codecs import turbo_vae
+from magihuman.pipeline.dit import model as dit_model
 from magihuman.pipeline.dit.config import PRESETS
+from magihuman.pipeline.dit.loading import load_dit
 from magihuman.pipeline.media.frames import to_image
 
 
@@ -138,3 +144,49 @@ def test_one_1080p_turbo_window_is_predicted_within_12_gb():
 
     window = predict_decode("turbo", "1080p")  # fake tensors: nothing is allocated
     assert window.resident + window.activations <= 12e9
+
+
+@pytest.mark.parametrize("variant", ["base", "sr_1080p"])
+def test_long_streams_run_the_dit_in_row_chunks_with_the_same_velocities(monkeypatch, variant):
+    """Block linears, the MLP activation, q/k norm + RoPE and the attention gate go in row chunks once a
+    stream is long (here: made long by small chunk sizes); the velocities do not change by one bit."""
+    model, _ = load_dit(FIXTURES / "dit_tiny_fp8" / "checkpoint", variant, compute="fp8-matmul")
+    model.config = dataclasses.replace(model.config, frame_receptive_field=1)  # local windows matter
+    torch.manual_seed(0)
+    sample = (torch.randn(1, 48, 5, 4, 6), torch.randn(1, 17, 64), torch.randn(1, 5, 3584))
+    mlp, attention = model.block.layers[5].mlp, model.block.layers[0].attention  # sandwich layers
+    activations, norms = [], []
+    activation, norm_rope = mlp.activation, attention.norm_rope
+    monkeypatch.setattr(mlp, "activation", lambda u: activations.append(u.shape[0]) or activation(u))
+    monkeypatch.setattr(attention, "norm_rope", lambda *a: norms.append(a[0].shape[0]) or norm_rope(*a))
+    with torch.inference_mode():
+        expected = model(*sample)
+        assert activations == [52] and norms == [52, 52]  # 30 video + 17 audio + 5 text rows, whole
+        # The linears in chunks of 12 rows (not of 1: a one-row GEMM takes the CPU's GEMV, which sums in
+        # another order; real chunks have thousands of rows), the up_gate output activated chunk by chunk.
+        monkeypatch.setattr(fp8_linear, "ROW_CHUNK_ELEMENTS", 8192)
+        activations.clear()
+        linears_chunked = model(*sample)
+        assert activations == [12, 12, 6, 12, 5, 5]  # video, audio, text rows, never across modalities
+        monkeypatch.undo()
+        # The attention's row-wise work in chunks of 7 rows (q: 8 heads x 16), the linears whole.
+        monkeypatch.setattr(attention, "norm_rope", lambda *a: norms.append(a[0].shape[0]) or norm_rope(*a))
+        monkeypatch.setattr(dit_model, "rows_per_chunk", lambda width: 7 * 128 // width)
+        norms.clear()
+        attention_chunked = model(*sample)
+    # q's video, audio and text rows in chunks that stay in one modality; k (2 heads) in chunks of 28.
+    assert norms == [7, 7, 7, 7, 2, 7, 7, 3, 5] + [28, 2, 17, 5]
+    for velocities in (linears_chunked, attention_chunked):
+        for a, b in zip(velocities, expected, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_1080p_sr_forward_activations_are_predicted_within_6_gb():
+    """The full-width 1080p-SR forward on fake tensors (nothing allocated): one layer of each kind (sandwich
+    gelu7 with local attention, shared swiglu7 with global attention, sandwich swiglu7) at 65.6k tokens."""
+    config = dataclasses.replace(
+        PRESETS["sr_1080p"], num_layers=3, mm_layers=(0, 2), gelu7_layers=(0,), local_attn_layers=(0, 2)
+    )
+    predicted = predict_forward(config, "fp8", "1080p")
+    assert predicted.tokens == 65606
+    assert predicted.activations <= 6e9

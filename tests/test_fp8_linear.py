@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import FIXTURES, load_tensors
+from magihuman.benchmarks.live_bytes import LiveBytes
 from magihuman.fp8 import capability
 from magihuman.fp8 import linear as fp8_linear
 from magihuman.fp8.capability import choose_path, supports_fp8_matmul, supports_rowwise_scaled_mm
@@ -95,6 +96,27 @@ def test_experts_with_every_scale_granularity_and_an_empty_group(granularity, mo
     reference = torch.cat([dense[:5, :n], dense[5:, 2 * n :]])
     assert y.shape == (17, n) and sqnr_db(reference, y) > (28.0 if mode == "fp8-matmul" else 40.0)
     assert layer(x[:0], (0, 0, 0)).shape == (0, n)
+
+
+@pytest.mark.parametrize("mode", ["fp8-matmul", "dequantize"])
+def test_long_inputs_run_in_row_chunks_quantized_as_one_and_activated_chunk_by_chunk(monkeypatch, mode):
+    """Above ROW_CHUNK_ELEMENTS of output an expert's rows go through the GEMM in chunks, each quantized with
+    the scale of all the expert's rows, and an epilogue sees each chunk as it is made: the same values as
+    one call, without the whole [S, N] output ever existing."""
+    n, k, splits = 168, 48, (2300, 0, 750)  # N and K pad; the audio expert gets no tokens
+    x, weight, _ = random_case(sum(splits), 3 * n, k, seed=2)
+    x[:2200] *= 1e-3  # the video expert's scale comes from its last rows: a chunk's own amax would differ
+    layer = Fp8Linear.from_fp8(quantize(weight, num_experts=3), num_experts=3, mode=mode)
+    halve = lambda y: y[:, 0::2].float().mul(2).to(torch.bfloat16)  # noqa: E731 (a row-wise activation)
+    whole, whole_halved = layer(x, splits), halve(layer(x, splits))
+    calls = []
+    monkeypatch.setattr(fp8_linear, "ROW_CHUNK_ELEMENTS", 100 * n)  # 100 rows per GEMM
+    with LiveBytes(device="cpu") as counter:
+        halved = layer(x, splits, epilogue=lambda y: calls.append(y.shape[0]) or halve(y))
+    assert calls == [100] * 23 + [100] * 7 + [50]  # per expert, never across experts; none for audio
+    assert torch.equal(halved, whole_halved)
+    assert counter.peak < 0.7 * whole.nbytes  # the halved result and one chunk, not the whole output
+    assert torch.equal(layer(x, splits), whole)
 
 
 def row_scaled_case():

@@ -4,11 +4,15 @@ Contract (``fp8.linear.Fp8Linear`` follows it too): ``cls(in_features, out_featu
 bias=False, device=None)``; state-dict key ``weight`` [num_experts·out_features, in_features] with the experts
 stacked along dim 0 (video, audio, text); ``forward(x [S, in], splits=None) -> [S, out]`` bf16, where
 ``splits`` = rows per expert as Python ints (rows already grouped by expert, an expert may get 0 rows), and
-``None`` when there is one expert.
+``None`` when there is one expert; ``forward(x, splits, epilogue=f)`` returns ``f`` of the output, applied
+row-wise to each row chunk as it is produced, so that a wide output (the MLP's up_gate_proj) never exists
+whole: both linears run through :func:`fp8.linear.chunked_experts`.
 """
 
 import torch
 from torch import nn
+
+from ...fp8.linear import Epilogue, chunked_experts
 
 
 class Bf16Linear(nn.Module):
@@ -34,21 +38,25 @@ class Bf16Linear(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor, splits: tuple[int, ...] | None = None) -> torch.Tensor:
-        x = x.to(torch.bfloat16)
-        if self.num_experts == 1:
-            out = torch.matmul(x, self.weight.t())  # [S, out]
-            return out if self.bias is None else out.add_(self.bias)
-        out = x.new_empty(x.shape[0], self.out_features)  # [S, out]
-        weights = self.weight.chunk(self.num_experts)
-        biases = self.bias.chunk(self.num_experts) if self.bias is not None else (None,) * self.num_experts
-        for rows, out_rows, weight, bias in zip(
-            x.split(splits), out.split(splits), weights, biases, strict=True
-        ):
-            torch.matmul(rows, weight.t(), out=out_rows)
-            if bias is not None:
-                out_rows.add_(bias)
-        return out
+    def forward(
+        self, x: torch.Tensor, splits: tuple[int, ...] | None = None, epilogue: Epilogue | None = None
+    ) -> torch.Tensor:
+        splits = (x.shape[0],) if splits is None else splits
+        if len(splits) != self.num_experts:
+            raise ValueError(f"Bf16Linear with {self.num_experts} experts got {len(splits)} splits {splits}")
+        return chunked_experts(x.to(torch.bfloat16), splits, self.out_features, self._expert, epilogue)
+
+    def _expert(self, x: torch.Tensor, expert: int):
+        """The matmul of one expert (the same for every chunk of its rows)."""
+        n = self.out_features
+        weight = self.weight[expert * n : (expert + 1) * n]  # [N, K]
+        bias = None if self.bias is None else self.bias[expert * n : (expert + 1) * n]
+
+        def matmul(rows: torch.Tensor) -> torch.Tensor:
+            y = torch.matmul(rows, weight.t())  # [rows, N]
+            return y if bias is None else y.add_(bias)
+
+        return matmul
 
     def extra_repr(self) -> str:
         return (

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
+from ...fp8.linear import rows_per_chunk
 from .attention import AttentionKernel, StreamAttention, sdpa_attention
 from .config import DiTConfig
 from .linear import Bf16Linear
@@ -23,7 +24,6 @@ from .tokens import pack, stream_coords, unpack
 
 Splits = tuple[int, int, int]
 Rope = tuple[torch.Tensor, torch.Tensor]
-ACTIVATION_ROWS = 4096  # the MLP activation runs in row chunks to bound its fp32 temporaries
 
 
 def modality_rms_norm(
@@ -103,22 +103,50 @@ class Attention(nn.Module):
         splits = splits if self.per_modality else None  # the linear contract: None for one expert
         h = self.pre_norm(x, splits, torch.bfloat16)  # [S, D]
         qkv = self.linear_qkv(h, splits)  # [S, (Hq + 2Hkv)·Dh + G] bf16
+        del h  # its memory serves q and k
         q, k, v, g = qkv.split(
             [self.heads_q * dh, self.heads_kv * dh, self.heads_kv * dh, self.gate_channels], 1
         )
-        e, eps = self.q_norm.num_experts, self.q_norm.eps
-        q = self.norm_rope(q.view(s, self.heads_q, dh), self.q_norm.weight, e, splits, eps, *rope)  # bf16
-        k = self.norm_rope(k.view(s, self.heads_kv, dh), self.k_norm.weight, e, splits, eps, *rope)  # bf16
+        q = self._norm_rope(q.view(s, self.heads_q, dh), self.q_norm, splits, rope)  # [S, Hq, Dh] bf16
+        k = self._norm_rope(k.view(s, self.heads_kv, dh), self.k_norm, splits, rope)  # [S, Hkv, Dh] bf16
         o = attend(q, k, v.view(s, self.heads_kv, dh), self.local)  # [S, Hq, Dh] bf16
-        o = self.gate(o, g) if self.gate_channels else o.reshape(s, self.heads_q * dh)  # [S, Hq·Dh] bf16
+        del q, k  # dead: their memory serves the gate and linear_proj
+        o = self._gate(o, g) if self.gate_channels else o.reshape(s, self.heads_q * dh)  # [S, Hq·Dh] bf16
         return self.linear_proj(o, splits)  # [S, D]
+
+    def _gate(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """o [S, Hq, Dh] gated by g [S, Hq] -> [S, Hq·Dh] bf16, in row chunks on long streams (the gate's
+        fp32 product of a whole 1080p-SR stream would be 1.3 GB)."""
+        step = rows_per_chunk(o.shape[1] * o.shape[2])
+        if o.shape[0] <= step:
+            return self.gate(o, g)
+        out = o.new_empty(o.shape[0], o.shape[1] * o.shape[2])  # [S, Hq·Dh]
+        for rows in range(0, o.shape[0], step):
+            out[rows : rows + step] = self.gate(o[rows : rows + step], g[rows : rows + step])
+        return out
+
+    def _norm_rope(self, t: torch.Tensor, norm: ModalityRMSNorm, splits: Splits | None, rope: Rope):
+        """q or k [S, H, Dh] -> normalised and rotated, bf16. Long streams go in row chunks within one
+        modality each, so the fp32 temporaries are a chunk's (at 1080p SR a whole fp32 q is 1.3 GB)."""
+        step, eps = rows_per_chunk(t.shape[1] * t.shape[2]), norm.eps
+        if t.shape[0] <= step:
+            return self.norm_rope(t, norm.weight, norm.num_experts, splits, eps, *rope)
+        out = torch.empty(t.shape, dtype=torch.bfloat16, device=t.device)  # [S, H, Dh]
+        start = 0
+        for count, weight in zip(splits or (t.shape[0],), norm.weight.chunk(norm.num_experts), strict=True):
+            for rows in range(start, start + count, step):
+                chunk = slice(rows, min(rows + step, start + count))
+                sin, cos = (r[chunk] for r in rope)
+                out[chunk] = self.norm_rope(t[chunk], weight, 1, None, eps, sin, cos)
+            start += count
+        return out
 
 
 class MLP(nn.Module):
     def __init__(self, config: DiTConfig, layer: int, linear_cls: Callable, device):
         super().__init__()
         e, d, inter = config.num_experts(layer), config.hidden_size, config.intermediate(layer)
-        self.intermediate, self.per_modality = inter, e > 1
+        self.per_modality = e > 1
         self.activation = gelu7 if config.is_gelu7(layer) else swiglu7
         self.pre_norm = ModalityRMSNorm(d, e, device)
         self.up_gate_proj = linear_cls(
@@ -129,17 +157,13 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, splits: Splits) -> torch.Tensor:
         """x [S, D] fp32 -> MLP output [S, D] bf16."""
         splits = splits if self.per_modality else None
-        u = self.up_gate_proj(self.pre_norm(x, splits, torch.bfloat16), splits)  # [S, up] bf16
-        a = self._activate(u)  # [S, I] bf16
-        del u  # dead before down_proj runs: its memory serves down_proj's transients
+        h = self.pre_norm(x, splits, torch.bfloat16)  # [S, D]
+        if h.shape[0] <= rows_per_chunk(self.up_gate_proj.out_features):
+            a = self.activation(self.up_gate_proj(h, splits))  # one GEMM: [S, up] -> [S, I] bf16
+        else:  # activated row chunk by row chunk: the [S, up] output (3.6 GB at 1080p SR) never exists whole
+            a = self.up_gate_proj(h, splits, epilogue=self.activation)  # [S, I] bf16
+        del h
         return self.down_proj(a, splits)
-
-    def _activate(self, u: torch.Tensor) -> torch.Tensor:
-        """[S, up] bf16 -> [S, I] bf16 in row chunks (bounded float32 temporaries)."""
-        a = u.new_empty(u.shape[0], self.intermediate)  # [S, I] bf16
-        for rows, out in zip(u.split(ACTIVATION_ROWS), a.split(ACTIVATION_ROWS), strict=True):
-            out.copy_(self.activation(rows))
-        return a
 
 
 class TransformerLayer(nn.Module):
