@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
+from .file_reads import read_contiguous, read_rows
 
 DTYPES = {
     "F64": torch.float64,
@@ -160,23 +161,6 @@ def check_finite(tensor: torch.Tensor, stored: torch.Tensor, where: str) -> None
     )
 
 
-READ_CHUNK = 64 * 2**20
-
-
-def _read_exactly(info: TensorInfo, out: torch.Tensor) -> None:
-    """Fill the uint8 tensor ``out`` with the tensor's bytes by plain reads (one copy from the page cache; a
-    memory-mapped read would fault in every page twice: the map's and the destination's)."""
-    view = memoryview(out.numpy()).cast("B")
-    with info.file.open("rb", buffering=0) as f:
-        f.seek(info.offset)
-        done = 0
-        while done < len(view):
-            count = f.readinto(view[done : done + READ_CHUNK])
-            if not count:
-                raise CheckpointError(f"{info.file}: truncated while reading '{info.key}'")
-            done += count
-
-
 def find_index(folder: Path) -> Path | None:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
@@ -301,14 +285,18 @@ class Checkpoint:
 
     def load_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Read one tensor into ``out`` (any device and dtype, possibly a strided view of a larger buffer,
-        e.g. a padded weight), with no intermediate copy where ``out`` is plain CPU memory of the stored
-        dtype; returns ``out``."""
+        e.g. a padded weight), by plain reads where ``out`` is CPU memory of the stored dtype (straight into
+        it when contiguous, through a bounce buffer of a few rows when row-strided); returns ``out``."""
         info = self.info(key)
         if tuple(out.shape) != info.shape:
             raise CheckpointError(f"{info.file}: '{key}' is {list(info.shape)}, not {list(out.shape)}")
-        if out.device.type == "cpu" and out.dtype == info.dtype and out.is_contiguous() and info.nbytes:
-            _read_exactly(info, out.reshape(-1).view(torch.uint8))
-        elif info.nbytes:
+        if not info.nbytes:
+            return out
+        if out.device.type == "cpu" and out.dtype == info.dtype and out.is_contiguous():
+            read_contiguous(info.file, info.offset, out, key)
+        elif out.device.type == "cpu" and out.dtype == info.dtype and out.dim() == 2 and out.stride(1) == 1:
+            read_rows(info.file, info.offset, out, key)  # a padded weight's [E·N, K] view
+        else:
             out.copy_(self.mapped(key))
         return out
 

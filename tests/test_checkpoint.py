@@ -1,9 +1,11 @@
 """Reading safetensors checkpoints: layouts, lazy dtype/device conversion and every bad-file error."""
 
 import json
+import threading
 
 import pytest
 import torch
+from magihuman.fp8 import file_reads
 from magihuman.fp8.checkpoint import Checkpoint, CheckpointError
 from safetensors.torch import save_file
 
@@ -107,3 +109,25 @@ def test_missing_path_and_unknown_key(tmp_path):
     ckpt = Checkpoint(write_sharded(tmp_path / "c", {"m.safetensors": {"x": torch.ones(1)}}))
     with pytest.raises(CheckpointError, match="no tensor 'zz'"):
         ckpt.info("zz")
+
+
+def test_large_tensors_are_read_by_several_threads_in_pieces_into_their_final_buffers(tmp_path, monkeypatch):
+    """Contiguous destinations are filled piece by piece in threads; a row-strided one (a padded weight) by
+    blocks of rows through a bounce buffer, leaving its padding alone. The bytes are the file's."""
+    monkeypatch.setattr(file_reads, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(file_reads, "READ_THREADS", 3)
+    threads = set()
+    read_range = file_reads._read_range
+    monkeypatch.setattr(
+        file_reads, "_read_range", lambda *a: threads.add(threading.get_ident()) or read_range(*a)
+    )
+    weight = torch.randn(300, 37)  # 44 KB: 11 pieces, and 300 rows in blocks of 6
+    codes = torch.randint(0, 256, (5000,), dtype=torch.uint8)
+    save_file({"w": weight, "codes": codes}, tmp_path / "model.safetensors")
+    with Checkpoint(tmp_path / "model.safetensors") as ckpt:
+        assert torch.equal(ckpt.load("w"), weight) and torch.equal(ckpt.load("codes"), codes)
+        padded = torch.full((301, 48), -1.0)
+        ckpt.load_into("w", padded[:300, :37])
+    assert len(threads) > 1
+    assert torch.equal(padded[:300, :37], weight)
+    assert (padded[:, 37:] == -1).all() and (padded[300] == -1).all()
