@@ -2,6 +2,8 @@
 T5-Gemma text encoder, each picked from ComfyUI's model folders. Loaded models stay loaded between runs
 (ComfyUI keeps node outputs while their inputs are unchanged)."""
 
+import logging
+
 import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
@@ -16,11 +18,11 @@ from ..pipeline.dit.block_swap import BlockSwap
 from ..pipeline.dit.config import VARIANTS
 from ..pipeline.dit.fusion import MODES as COMPILE_MODES
 from ..pipeline.dit.fusion import fuse
-from ..pipeline.dit.loading import BF16, detect_variant, load_dit
+from ..pipeline.dit.loading import BF16, detect_variant, load_dit, weight_bytes
 from ..pipeline.dit.parallel import Ulysses
 from ..pipeline.precision import vae_dtype
 from ..pipeline.workers import LoadSettings, WorkerPool
-from .memory import Managed
+from .memory import AUTO_SWAP, Managed, auto_swap_layers
 from .model_lists import (
     dit_choices,
     preferred,
@@ -30,6 +32,8 @@ from .model_lists import (
     vae_file_choices,
 )
 from .types import AUDIO_VAE, DIT, TEXT_ENCODER, VIDEO_VAE, LoadedDiT, LoadedTextEncoder, VideoVAEs
+
+log = logging.getLogger(__name__)
 
 CATEGORY = "MagiHuman/loaders"
 NONE = "none"
@@ -75,13 +79,13 @@ class DiTLoader(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "swap_layers",
-                    default=0,
-                    min=0,
+                    default=AUTO_SWAP,
+                    min=AUTO_SWAP,
                     max=40,
                     tooltip="Keep this many of the last 40 layers in system memory and stream them in for "
-                    "each step. Same result, slower. Predicted device peaks (BENCHMARKS.md, bench memory): "
-                    "0 fits 256p and 540p SR on 24 GB; 1080p SR on 24 GB needs 8; a 16 GB card needs 12 "
-                    "for 540p SR.",
+                    "each step. Same result, slower. -1 = auto: the fewest that let a 5 s clip at this "
+                    "model's size fit your GPU (from bench memory's predictions: none on 24 GB cards; on "
+                    "16 GB 4 for 256p, 7 for 540p SR); 0 = none.",
                 ),
                 io.Boolean.Input(
                     "fast_accum",
@@ -125,6 +129,9 @@ class DiTLoader(io.ComfyNode):
         # (Managed.use), so nothing sits on the GPU unseen by its memory manager, which can then make room
         # for the text encoder first on a first run. The swapped layers stay in (pinned) system memory.
         device, offload = mm.get_torch_device(), mm.unet_offload_device()
+        chosen = swap_layers == AUTO_SWAP
+        if chosen:
+            swap_layers = auto_swap(path, variant, compute, device)
         settings = LoadSettings(str(path), variant, compute, attention, swap_layers, fast_accum, compile)
         workers = None if gpus == 1 else worker_pool(settings, device, gpus)  # they load meanwhile
         try:
@@ -143,7 +150,24 @@ class DiTLoader(io.ComfyNode):
         description = (
             f"{model} ({report.variant}, {report.convention}, {report.linear}, {report.seconds:.0f} s)"
         ) + (f" on {gpus} devices" if workers is not None else "")
+        if swap_layers:
+            description += f", {swap_layers} layers swapped{' (auto)' if chosen else ''}"
         return io.NodeOutput(LoadedDiT(managed, report.variant, description, workers))
+
+
+def auto_swap(path, variant: str, compute: str, device) -> int:
+    """swap_layers for "auto" (-1): none off the GPU; on a GPU the fewest layers that let the variant's
+    default clip fit the card's total memory less ComfyUI's reserve (total, not free: ComfyUI offloads other
+    models to make room for the DiT when a sampler runs, as for the text encoder)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    model, layers = weight_bytes(path, variant, compute)
+    available = mm.get_total_memory(device) - mm.minimum_inference_memory()
+    count = auto_swap_layers(model, layers, available, variant)
+    log.info("swap_layers auto: %d of %d layers for %.1f GiB available on %s", count, len(layers),
+             available / 2**30, device)  # fmt: skip
+    return count
 
 
 def worker_pool(settings: LoadSettings, device, gpus: int) -> WorkerPool:

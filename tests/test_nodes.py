@@ -277,6 +277,38 @@ def test_the_dit_loads_to_the_offload_device_and_comfyui_brings_it_in(comfy, sta
     assert swap.device == torch.device("meta") and len(swap.layers) == 2
 
 
+def test_dit_loader_swap_auto_swaps_the_fewest_layers_that_fit_the_card(comfy, monkeypatch):
+    """swap_layers = -1 (the default): no swap off the GPU; on a GPU the fewest last layers whose swapping
+    fits the model, two swapped layers in flight, a default clip's activations and the CUDA context into the
+    card less ComfyUI's reserve (the card is faked: the choice needs only the checkpoint's headers)."""
+    from magihuman.nodes import loaders
+    from magihuman.nodes.memory import CUDA_CONTEXT_BYTES, DEFAULT_LATENTS, dit_activations, dit_tokens
+    from magihuman.pipeline.dit.loading import weight_bytes
+
+    inputs = {i.id: i for i in node(comfy, "DiTLoader").define_schema().inputs}
+    assert inputs["swap_layers"].default == -1
+    (dit,) = run(comfy, "DiTLoader", model="distill_fp8/", variant="auto", compute="auto", attention="sdpa",
+                 swap_layers=-1)  # fmt: skip
+    assert getattr(dit.managed.model, "block_swap", None) is None and "swapped" not in dit.description
+    path = comfy.models / "diffusion_models" / "distill_fp8"
+    model, layers = weight_bytes(path, "distill")
+    loaded = dit.managed.model
+    assert model == sum(t.nbytes for t in [*loaded.parameters(), *loaded.buffers()])
+    activations = dit_activations(dit_tokens(*DEFAULT_LATENTS["distill"]), batched=False)
+    need = model + activations + CUDA_CONTEXT_BYTES
+    reserve = comfy.mm.minimum_inference_memory()
+
+    def chosen(total):
+        monkeypatch.setattr(comfy.mm, "total_memory", total)
+        return loaders.auto_swap(path, "distill", "auto", torch.device("cuda"))
+
+    assert chosen(need + reserve) == 0
+    # One byte short: two swapped layers are always in flight, so the first saving needs three swapped.
+    assert chosen(need + reserve - 1) == 3
+    assert chosen(need + reserve - min(layers[1:3]) - 1) == len(layers)  # nothing else fits: every layer
+    assert chosen(reserve) == len(layers)
+
+
 def test_text_encoder_auto_precision_follows_the_card_size(comfy, monkeypatch):
     from magihuman.pipeline.codecs.text_encoder import encoder_bytes
 

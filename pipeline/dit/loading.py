@@ -71,6 +71,40 @@ def _linear_class(compute: str, stored_fp8: bool, granularity: Granularity, fast
     return functools.partial(Fp8Linear, mode=compute, fast_accum=fast_accum), granularity
 
 
+def _open(path: Path, variant: str, compute: str) -> tuple[Checkpoint, Fp8Reader, DiTConfig, str]:
+    """The checkpoint's headers checked against the DiT they describe, and the compute mode ``auto`` means
+    for this file."""
+    checkpoint = Checkpoint(path)
+    reader = Fp8Reader(checkpoint)
+    shapes = {key: reader.info(key).shape for key in reader.keys()}
+    try:
+        config = DiTConfig.from_shapes(shapes, variant)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    unexpected = sorted(set(shapes) - set(config.expected_shapes()))
+    if unexpected:
+        file = reader.info(unexpected[0]).file
+        raise CheckpointError(f"{file}: unexpected tensor '{unexpected[0]}' for a MagiHuman DiT")
+    if compute == AUTO and reader.full_precision_matmul:
+        compute = DEQUANTIZE  # the file asks for its FP8 weights to be multiplied in high precision
+    return checkpoint, reader, config, compute
+
+
+def weight_bytes(path: str | Path, variant: str | None = None, compute: str = AUTO) -> tuple[int, list[int]]:
+    """(bytes of the whole model, bytes of each transformer layer) that :func:`load_dit` would hold for this
+    checkpoint, from its headers alone: the same model is built on the meta device, nothing is read."""
+    path = Path(path)
+    checkpoint, reader, config, compute = _open(path, variant or detect_variant(path), compute)
+    checkpoint.close()
+    linear_cls, _ = _linear_class(compute, bool(reader.fp8_keys()), Granularity.TENSOR, False)
+    model = MagiDiT(config, linear_cls=linear_cls, device="meta")
+
+    def nbytes(module: torch.nn.Module) -> int:
+        return sum(t.nbytes for t in [*module.parameters(), *module.buffers()])
+
+    return nbytes(model), [nbytes(layer) for layer in model.block.layers]
+
+
 def load_dit(
     path: str | Path,
     variant: str | None = None,
@@ -96,21 +130,8 @@ def load_dit(
     start = time.perf_counter()
     path = Path(path)
     variant = variant or detect_variant(path)
-    checkpoint = Checkpoint(path)
-    reader = Fp8Reader(checkpoint)
-    shapes = {key: reader.info(key).shape for key in reader.keys()}
-    try:
-        config = DiTConfig.from_shapes(shapes, variant)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    unexpected = sorted(set(shapes) - set(config.expected_shapes()))
-    if unexpected:
-        file = reader.info(unexpected[0]).file
-        raise CheckpointError(f"{file}: unexpected tensor '{unexpected[0]}' for a MagiHuman DiT")
-    stored_fp8 = bool(reader.fp8_keys())
-    if compute == AUTO and reader.full_precision_matmul:
-        compute = DEQUANTIZE  # the file asks for its FP8 weights to be multiplied in high precision
-    linear_cls, granularity = _linear_class(compute, stored_fp8, quantize_scales, fast_accum)
+    checkpoint, reader, config, compute = _open(path, variant, compute)
+    linear_cls, granularity = _linear_class(compute, bool(reader.fp8_keys()), quantize_scales, fast_accum)
     model = MagiDiT(config, linear_cls=linear_cls, attention=make_attention(attention), device="meta")
     dtypes = {key: tensor.dtype for key, tensor in model.state_dict(keep_vars=True).items()}
 
