@@ -300,8 +300,9 @@ def _add_generate(subparsers) -> None:
         help="DiT linear layers: auto = FP8 tensor cores where the GPU has them, else dequantize",
     )  # fmt: skip
     parser.add_argument(
-        "--swap-layers", type=int, default=0, metavar="N",
-        help="keep N DiT layers in CPU memory and stream them in (for GPUs under 24 GB; slower)",
+        "--swap-layers", type=layer_count, default="auto", metavar="N",
+        help="keep N DiT layers in CPU memory and stream them in (slower); auto (default): the fewest this "
+        "GPU needs for one window of the clip, none on the CPU",
     )  # fmt: skip
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     parser.add_argument(
@@ -332,6 +333,11 @@ def _sr_model(size: tuple[int, int] | None) -> str | None:
     if size is None:
         return None
     return "1080p" if max(size) > 1280 or min(size) > 720 else "540p"
+
+
+def layer_count(text: str) -> int | None:
+    """--swap-layers: a number, or auto (None)."""
+    return None if text == "auto" else int(text)
 
 
 def _sr_size(text: str | None) -> tuple[int, int] | None:

@@ -16,13 +16,14 @@ from ..pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
 from ..pipeline.codecs.wan_vae import load_wan_vae
 from ..pipeline.dit.block_swap import BlockSwap
 from ..pipeline.dit.config import VARIANTS
+from ..pipeline.dit.device_memory import dit_tokens, swap_layers_for
 from ..pipeline.dit.fusion import MODES as COMPILE_MODES
 from ..pipeline.dit.fusion import fuse
-from ..pipeline.dit.loading import BF16, detect_variant, load_dit, weight_bytes
+from ..pipeline.dit.loading import BF16, detect_variant, load_dit
 from ..pipeline.dit.parallel import Ulysses
 from ..pipeline.precision import vae_dtype
 from ..pipeline.workers import LoadSettings, WorkerPool
-from .memory import AUTO_SWAP, Managed, auto_swap_layers
+from .memory import AUTO_SWAP, DEFAULT_LATENTS, Managed
 from .model_lists import (
     dit_choices,
     preferred,
@@ -162,11 +163,9 @@ def auto_swap(path, variant: str, compute: str, device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 0
-    model, layers = weight_bytes(path, variant, compute)
     available = mm.get_total_memory(device) - mm.minimum_inference_memory()
-    count = auto_swap_layers(model, layers, available, variant)
-    log.info("swap_layers auto: %d of %d layers for %.1f GiB available on %s", count, len(layers),
-             available / 2**30, device)  # fmt: skip
+    count = swap_layers_for(path, variant, compute, dit_tokens(*DEFAULT_LATENTS[variant]), available)
+    log.info("swap_layers auto: %d layers for %.1f GiB available on %s", count, available / 2**30, device)
     return count
 
 

@@ -2,13 +2,19 @@
 ModelPatcher, so ComfyUI makes room for it, offloads it when another model needs the GPU and releases it on
 "unload models". Encoders and decoders, used for seconds per run, visit the GPU only while they work."""
 
-from collections.abc import Sequence
 from contextlib import contextmanager
 
 import comfy.model_management as mm
 import torch
 from comfy.model_patcher import ModelPatcher
 from torch import nn
+
+from ..pipeline.dit.device_memory import (  # noqa: F401 (the samplers take them from here)
+    ACTIVATION_BASE_BYTES,
+    BYTES_PER_TOKEN,
+    dit_activations,
+    dit_tokens,
+)
 
 
 def module_bytes(module: nn.Module, device: torch.device | None = None) -> int:
@@ -43,29 +49,7 @@ class Managed:
         return self.model
 
 
-# Peak activations of one full-size DiT forward, base + per token, an upper line through `python cli.py bench
-# memory` (BENCHMARKS.md): predicted 0.99 GiB at 3,910 tokens (256p), 1.87 at 14,662 (540p SR), 5.33 at
-# 65,606 (1080p SR); this gives 1.11, 1.96 and 5.99 GiB.
-ACTIVATION_BASE_BYTES = int(0.8 * 2**30)
-BYTES_PER_TOKEN = 85_000
-# Device memory outside torch's allocator that the predictions leave out: the CUDA context, cuBLAS and
-# cuDNN workspaces (0.5-0.8 GB); counted when swap_layers is chosen, so that "auto" is not tight.
-CUDA_CONTEXT_BYTES = int(0.75 * 2**30)
-
-
-def dit_tokens(latent_frames: int, latent_height: int, latent_width: int) -> int:
-    """Tokens of one DiT forward: video patches (2x2 latent cells), audio latents (4 per latent frame after
-    the first) and the 640 text tokens."""
-    return latent_frames * latent_height * latent_width // 4 + 4 * (latent_frames - 1) + 1 + 640
-
-
-def dit_activations(tokens: int, batched: bool) -> int:
-    """Activation bytes of a DiT forward of ``tokens`` tokens (twice with conditional and unconditional
-    batched)."""
-    return (ACTIVATION_BASE_BYTES + tokens * BYTES_PER_TOKEN) * (2 if batched else 1)
-
-
-AUTO_SWAP = -1  # the DiT loader's swap_layers value that asks for auto_swap_layers
+AUTO_SWAP = -1  # the DiT loader's swap_layers value that asks for the fewest layers the card needs
 # What each variant's sampler runs by default, as (latent frames, height, width): 5 s clips (32 latent frames)
 # at 448x256 (distilled, base), 896x512 (540p SR), 1920x1088 (1080p SR).
 DEFAULT_LATENTS = {
@@ -74,20 +58,6 @@ DEFAULT_LATENTS = {
     "sr_540p": (32, 32, 56),
     "sr_1080p": (32, 68, 120),
 }
-
-
-def auto_swap_layers(model: int, layers: Sequence[int], available: int, variant: str) -> int:
-    """The fewest of the last layers to keep in system memory so that a default clip of ``variant`` fits in
-    ``available`` bytes: the model's ``model`` bytes less the swapped layers' (``layers``: bytes of each
-    transformer layer), plus two swapped layers in flight (the one computing, the one prefetched), the
-    activations of one forward (CFG passes one after the other) and the CUDA context. Every layer when even
-    that does not fit."""
-    activations = dit_activations(dit_tokens(*DEFAULT_LATENTS[variant]), batched=False) + CUDA_CONTEXT_BYTES
-    for count in range(len(layers) + 1):
-        swapped = sorted(layers[len(layers) - count :])
-        if model - sum(swapped) + sum(swapped[-2:]) + activations <= available:
-            return count
-    return len(layers)
 
 
 @contextmanager

@@ -101,7 +101,7 @@ def check_request(request) -> tuple[ClipSize, ClipSize | None]:
     size = clip_size(request.seconds, request.width, request.height)
     if request.steps is not None:
         check_steps(request.steps)
-    if request.swap_layers < 0:
+    if request.swap_layers is not None and request.swap_layers < 0:
         raise InputError(f"--swap-layers must be 0 or more, got {request.swap_layers}")
     if request.sr_size is None:
         return size, None

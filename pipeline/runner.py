@@ -11,9 +11,10 @@ import torch
 
 from ..fp8.checkpoint import CheckpointError
 from .codecs.audio_vae import load_audio_vae
-from .codecs.text_encoder import NEGATIVE_PROMPT, load_text_encoder
+from .codecs.text_encoder import NEGATIVE_PROMPT, choose_precision, load_text_encoder
 from .codecs.turbo_vae import load_turbo_vae, turbo_files
 from .codecs.wan_vae import load_wan_vae
+from .dit.device_memory import INFERENCE_RESERVE_BYTES, dit_tokens, swap_layers_for
 from .dit.fusion import AUTO, fuse
 from .dit.loading import load_dit
 from .dit.parallel import ParallelPlan
@@ -24,7 +25,7 @@ from .preflight import check_run
 from .sampling.long_clips import generate_long, generate_long_sr
 from .sampling.loops import Hooks
 from .sampling.requests import BaseRequest, SRRequest
-from .sampling.sizes import clip_size
+from .sampling.sizes import ClipSize, clip_size
 from .sampling.stages import decode_stream, driving_audio, reference_latent
 from .sampling.windows import DEFAULT_WINDOWS, WindowSettings
 from .weights.catalogue import MODEL_FILES, missing_file_message
@@ -85,7 +86,7 @@ class Request:
     audio: Path | None = None
     decoder: str = "turbo"  # turbo, wan or both
     compute: str = "auto"
-    swap_layers: int = 0
+    swap_layers: int | None = 0  # None: the fewest each DiT stage needs on this GPU (none on the CPU)
     parallel: ParallelPlan | None = None  # torchrun: every rank runs the DiT stages, rank 0 writes the files
     windows: WindowSettings = DEFAULT_WINDOWS  # clips longer than one window are made window by window
     window_prompts: tuple[str, ...] = ()  # one prompt per window (the last serves the rest); () = prompt
@@ -99,6 +100,13 @@ def _free(*models) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _available_memory(device: str) -> int | None:
+    """Bytes the stages may use on a CUDA device (its total less the usual reserve); None elsewhere."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory - INFERENCE_RESERVE_BYTES
 
 
 def run(
@@ -140,7 +148,9 @@ def run(
         if progress:
             progress(stage, 1, 1)
 
-    encoder = load_text_encoder(paths.text_encoder, device)
+    available = _available_memory(device)
+    fp8, on_device = (False, True) if available is None else choose_precision(paths.text_encoder, available)
+    encoder = load_text_encoder(paths.text_encoder, device if on_device else "cpu", fp8=fp8)
     text = encoder.encode(request.prompt)
     prompts = tuple(encoder.encode(line) for line in request.window_prompts)
     negative = encoder.encode(request.negative) if request.mode == "base" or request.sr_size else None
@@ -158,14 +168,20 @@ def run(
     audio_vae = load_audio_vae(paths.audio_vae, device)
     sound = None if checked.audio is None else driving_audio(audio_vae, checked.audio, size, request.windows)
 
-    def dit_for(path: Path, variant: str | None):  # both DiT stages load alike
-        model, _ = load_dit(
-            path, variant=variant, compute=request.compute, device=device, swap_layers=request.swap_layers
-        )
+    def dit_for(path: Path, variant: str | None, stage: ClipSize):  # both DiT stages load alike
+        swap = request.swap_layers
+        if swap is None and available is None:
+            swap = 0  # auto off a GPU: the weights are in system memory anyway
+        elif swap is None:  # auto: the fewest layers for one window of this stage's size
+            frames = min(stage.latent_frames, request.windows.latent_frames)
+            tokens = dit_tokens(frames, stage.latent_height, stage.latent_width)
+            swap = swap_layers_for(path, variant, request.compute, tokens, available)
+            log.info("swap layers (auto) for %s: %d", path, swap)
+        model, _ = load_dit(path, variant=variant, compute=request.compute, device=device, swap_layers=swap)
         fuse(model, AUTO, device)  # compiled elementwise kernels where Triton works
         return model
 
-    dit = dit_for(paths.dit, checked.dit_variant)
+    dit = dit_for(paths.dit, checked.dit_variant, size)
     base = BaseRequest(
         size=size, text=text, seed=request.seed, negative=negative, image_latent=image_latent,
         hooks=hooks(f"{request.mode} sampling"), device=device, mode=request.mode, steps=request.steps,
@@ -174,8 +190,8 @@ def run(
     latent = generate_long(dit, base).check_finite(f"{request.mode} sampling", str(paths.dit))
     _free(dit)
     if request.sr_size is not None:
-        sr_dit = dit_for(paths.sr_dit, checked.sr_variant)
         sr_size = clip_size(latent.seconds, *request.sr_size)
+        sr_dit = dit_for(paths.sr_dit, checked.sr_variant, sr_size)
         sr_image = None if image is None else reference_latent(wan, image, sr_size.width, sr_size.height)
         sr = SRRequest(
             size=sr_size, text=text, seed=request.seed, image_latent=sr_image,

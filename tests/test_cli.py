@@ -89,6 +89,28 @@ def test_generate_lip_sync_keeps_the_driving_audio(models, tmp_path):
     assert reference["waveform"].shape[-1] == 48000
 
 
+def test_generate_sizes_itself_to_the_gpu_memory(models, tmp_path, monkeypatch):
+    """On a GPU (faked: a card's available bytes on the CPU run) T5-Gemma takes the precision that fits and
+    --swap-layers auto (the default) swaps the DiT layers the card needs; an explicit count is kept."""
+    from magihuman.pipeline import runner
+    from magihuman.pipeline.codecs.text_encoder import encoder_bytes
+
+    encoder = models / "text_encoders" / "t5gemma-9b-9b-ul2"
+    card = encoder_bytes(encoder, fp8=True)  # the fp8 encoder fits, bf16 does not; the DiT does not either
+    monkeypatch.setattr(runner, "_available_memory", lambda device: card)
+    calls = {}
+    for name in ("load_text_encoder", "load_dit"):
+        real = getattr(runner, name)
+        spy = lambda *a, real=real, name=name, **k: calls.setdefault(name, []).append(k) or real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(runner, name, spy)
+    assert generate(models, tmp_path / "auto") == 0
+    assert calls["load_text_encoder"] == [{"fp8": True}]
+    assert [k["swap_layers"] for k in calls["load_dit"]] == [4]  # every layer of the 4-layer demo DiT
+    calls.clear()
+    assert generate(models, tmp_path / "fixed", "--swap-layers", "1") == 0
+    assert [k["swap_layers"] for k in calls["load_dit"]] == [1]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -282,7 +282,8 @@ def test_dit_loader_swap_auto_swaps_the_fewest_layers_that_fit_the_card(comfy, m
     fits the model, two swapped layers in flight, a default clip's activations and the CUDA context into the
     card less ComfyUI's reserve (the card is faked: the choice needs only the checkpoint's headers)."""
     from magihuman.nodes import loaders
-    from magihuman.nodes.memory import CUDA_CONTEXT_BYTES, DEFAULT_LATENTS, dit_activations, dit_tokens
+    from magihuman.nodes.memory import DEFAULT_LATENTS
+    from magihuman.pipeline.dit.device_memory import CUDA_CONTEXT_BYTES, dit_activations, dit_tokens
     from magihuman.pipeline.dit.loading import weight_bytes
 
     inputs = {i.id: i for i in node(comfy, "DiTLoader").define_schema().inputs}
