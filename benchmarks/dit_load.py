@@ -9,6 +9,7 @@ memory-mapped shards too) is its own; on a GPU it also reports the peak allocate
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -153,6 +154,8 @@ def bench_dit_load(workdir: Path, device: torch.device, layers: int | None, full
     shard_bytes = FULL_SIZE_SHARD_BYTES if full_size else SHARD_BYTES
     largest_shard = write_fp8_checkpoint(folder, synthetic_config(layers), shard_bytes=shard_bytes)
     written = time.perf_counter() - start
+    if hasattr(os, "sync"):  # not on Windows
+        os.sync()  # let writeback finish first: the timed reads should not compete with it
     root = str(Path(__file__).resolve().parent.parent)
     child = subprocess.run(
         [sys.executable, "-c", CHILD, root, str(folder), str(device)], capture_output=True, text=True

@@ -111,23 +111,40 @@ def test_missing_path_and_unknown_key(tmp_path):
         ckpt.info("zz")
 
 
-def test_large_tensors_are_read_by_several_threads_in_pieces_into_their_final_buffers(tmp_path, monkeypatch):
-    """Contiguous destinations are filled piece by piece in threads; a row-strided one (a padded weight) by
-    blocks of rows through a bounce buffer, leaving its padding alone. The bytes are the file's."""
+@pytest.mark.parametrize("reads", ["scatter", "one view a call", "short"])
+def test_large_tensors_are_read_by_several_threads_in_pieces_into_their_final_buffers(
+    tmp_path, monkeypatch, reads
+):
+    """Contiguous destinations are filled piece by piece in threads; a row-strided one (a padded weight)
+    straight into its rows, in blocks of rows, leaving its padding alone. The bytes are the file's, with
+    scatter reads, one view per read (Windows) and reads that return less than asked."""
     monkeypatch.setattr(file_reads, "PIECE_BYTES", 4096)
     monkeypatch.setattr(file_reads, "READ_THREADS", 3)
-    threads = set()
-    read_range = file_reads._read_range
-    monkeypatch.setattr(
-        file_reads, "_read_range", lambda *a: threads.add(threading.get_ident()) or read_range(*a)
-    )
-    weight = torch.randn(300, 37)  # 44 KB: 11 pieces, and 300 rows in blocks of 6
+    if reads == "one view a call":
+        monkeypatch.setattr(file_reads, "SCATTER_VIEWS", 1)
+    if reads == "short":
+        read_at = file_reads._read_at
+        monkeypatch.setattr(file_reads, "_read_at", lambda f, views, at: read_at(f, [views[0][:100]], at))
+    threads, calls = set(), []
+    fill = file_reads._fill
+
+    def recording_fill(file, offset, views, key):
+        threads.add(threading.get_ident())
+        calls.append((key, [len(v) for v in views]))
+        fill(file, offset, views, key)
+
+    monkeypatch.setattr(file_reads, "_fill", recording_fill)
+    weight = torch.randn(300, 37)  # 44 KB: 11 pieces, and 300 rows of 148 bytes in blocks of 27
     codes = torch.randint(0, 256, (5000,), dtype=torch.uint8)
     save_file({"w": weight, "codes": codes}, tmp_path / "model.safetensors")
     with Checkpoint(tmp_path / "model.safetensors") as ckpt:
         assert torch.equal(ckpt.load("w"), weight) and torch.equal(ckpt.load("codes"), codes)
+        assert [len(sizes) for key, sizes in calls if key == "w"] == [1] * 11
+        calls.clear()
         padded = torch.full((301, 48), -1.0)
         ckpt.load_into("w", padded[:300, :37])
+    assert [len(sizes) for _, sizes in calls] == [27] * 11 + [3]
+    assert {size for _, sizes in calls for size in sizes} == {148}
     assert len(threads) > 1
     assert torch.equal(padded[:300, :37], weight)
     assert (padded[:, 37:] == -1).all() and (padded[300] == -1).all()
