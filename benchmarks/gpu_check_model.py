@@ -20,6 +20,7 @@ from ..pipeline.codecs.turbo_vae import TurboVAEDecoder
 from ..pipeline.dit.attention import StreamAttention
 from ..pipeline.dit.block_swap import BlockSwap
 from ..pipeline.dit.config import DiTConfig
+from ..pipeline.dit.device_memory import CUDA_CONTEXT_BYTES
 from ..pipeline.dit.fusion import AUTO, fuse
 from ..pipeline.dit.model import TransformerLayer
 from ..pipeline.dit.rope import default_bands, fourier_embed
@@ -195,6 +196,16 @@ def full_dit(scale: Scale, device: torch.device, report: Report) -> None:
     for row, name in ((rows[0], "fp8"), (rows[2], "fp8_compile")):
         speedup = rows[1][3] / row[3]
         report.measure(f"dit.256p_{name}_speedup", speedup >= 1.5, speedup, ">= 1.5")
+    if device.type == "cuda":  # what auto swap allows for beside the allocator, measured after the forwards
+        free_bytes, total = torch.cuda.mem_get_info(device)
+        outside = total - free_bytes - torch.cuda.memory_reserved(device)
+        report.measure(
+            "dit.memory_outside_allocator_gib",
+            outside <= CUDA_CONTEXT_BYTES,
+            gib(outside),
+            f"<= {gib(CUDA_CONTEXT_BYTES):.2f} (auto swap's CUDA context allowance)",
+            "CUDA context, cuBLAS/cuDNN handles, compiled kernels; other programs on this GPU count too",
+        )
 
 
 # ---- 6 -----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from ..pipeline.codecs.turbo_vae import load_turbo_vae, turbo_files
 from ..pipeline.codecs.wan_vae import load_wan_vae
 from ..pipeline.dit.block_swap import BlockSwap
 from ..pipeline.dit.config import VARIANTS
-from ..pipeline.dit.device_memory import dit_tokens, swap_layers_for
+from ..pipeline.dit.device_memory import dit_tokens, held_by_others, swap_layers_for
 from ..pipeline.dit.fusion import MODES as COMPILE_MODES
 from ..pipeline.dit.fusion import fuse
 from ..pipeline.dit.loading import BF16, detect_variant, load_dit
@@ -158,15 +158,24 @@ class DiTLoader(io.ComfyNode):
 
 def auto_swap(path, variant: str, compute: str, device) -> int:
     """swap_layers for "auto" (-1): none off the GPU; on a GPU the fewest layers that let the variant's
-    default clip fit the card's total memory less ComfyUI's reserve (total, not free: ComfyUI offloads other
-    models to make room for the DiT when a sampler runs, as for the text encoder)."""
+    default clip fit the card's memory (:func:`usable_memory`)."""
     device = torch.device(device)
     if device.type != "cuda":
         return 0
-    available = mm.get_total_memory(device) - mm.minimum_inference_memory()
+    available = usable_memory(device)
     count = swap_layers_for(path, variant, compute, dit_tokens(*DEFAULT_LATENTS[variant]), available)
     log.info("swap_layers auto: %d layers for %.1f GiB available on %s", count, available / 2**30, device)
     return count
+
+
+def usable_memory(device: torch.device) -> int:
+    """What the "auto" choices size a model for: the card's total memory less ComfyUI's reserve and less
+    what other programs hold on it now. Total rather than free memory: ComfyUI offloads its other models to
+    make room for the one it loads (the DiT when a sampler runs, the text encoder while it encodes)."""
+    others = held_by_others(device)
+    if others:
+        log.info("%.1f GiB of %s are held by other programs", others / 2**30, device)
+    return mm.get_total_memory(device) - mm.minimum_inference_memory() - others
 
 
 def worker_pool(settings: LoadSettings, device, gpus: int) -> WorkerPool:
@@ -306,10 +315,9 @@ class TextEncoderLoader(io.ComfyNode):
 
 
 def auto_precision(path) -> tuple[bool, bool]:
-    """(fp8, on the GPU) for weights "auto". The measure is the device's total memory less ComfyUI's
-    reserve, not what is free now: the encoder visits the GPU only while it encodes, and ComfyUI offloads
-    other models (the DiT included) to make room for it then (nodes/memory.py, on_device)."""
+    """(fp8, on the GPU) for weights "auto", sized to :func:`usable_memory` (the encoder visits the GPU only
+    while it encodes; nodes/memory.py, on_device)."""
     device = mm.get_torch_device()
     if device.type == "cpu":
         return False, True  # no GPU: the compute device is the CPU, bf16 is the reference precision
-    return choose_precision(path, mm.get_total_memory(device) - mm.minimum_inference_memory())
+    return choose_precision(path, usable_memory(device))

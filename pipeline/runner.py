@@ -14,7 +14,7 @@ from .codecs.audio_vae import load_audio_vae
 from .codecs.text_encoder import NEGATIVE_PROMPT, choose_precision, load_text_encoder
 from .codecs.turbo_vae import load_turbo_vae, turbo_files
 from .codecs.wan_vae import load_wan_vae
-from .dit.device_memory import INFERENCE_RESERVE_BYTES, dit_tokens, swap_layers_for
+from .dit.device_memory import INFERENCE_RESERVE_BYTES, dit_tokens, held_by_others, swap_layers_for
 from .dit.fusion import AUTO, fuse
 from .dit.loading import load_dit
 from .dit.parallel import ParallelPlan
@@ -103,10 +103,12 @@ def _free(*models) -> None:
 
 
 def _available_memory(device: str) -> int | None:
-    """Bytes the stages may use on a CUDA device (its total less the usual reserve); None elsewhere."""
+    """Bytes the stages may use on a CUDA device (its total less the usual reserve and what other programs
+    hold now); None elsewhere."""
     if torch.device(device).type != "cuda":
         return None
-    return torch.cuda.get_device_properties(torch.device(device)).total_memory - INFERENCE_RESERVE_BYTES
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return total - INFERENCE_RESERVE_BYTES - held_by_others(device)
 
 
 def run(

@@ -280,7 +280,8 @@ def test_the_dit_loads_to_the_offload_device_and_comfyui_brings_it_in(comfy, sta
 def test_dit_loader_swap_auto_swaps_the_fewest_layers_that_fit_the_card(comfy, monkeypatch):
     """swap_layers = -1 (the default): no swap off the GPU; on a GPU the fewest last layers whose swapping
     fits the model, two swapped layers in flight, a default clip's activations and the CUDA context into the
-    card less ComfyUI's reserve (the card is faked: the choice needs only the checkpoint's headers)."""
+    card less ComfyUI's reserve and what other programs hold on it (the card is faked: the choice needs
+    only the checkpoint's headers)."""
     from magihuman.nodes import loaders
     from magihuman.nodes.memory import DEFAULT_LATENTS
     from magihuman.pipeline.dit.device_memory import CUDA_CONTEXT_BYTES, dit_activations, dit_tokens
@@ -299,32 +300,53 @@ def test_dit_loader_swap_auto_swaps_the_fewest_layers_that_fit_the_card(comfy, m
     need = model + activations + CUDA_CONTEXT_BYTES
     reserve = comfy.mm.minimum_inference_memory()
 
-    def chosen(total):
+    def chosen(total, others=0):
+        cached = 2**30  # this process's own cache: ComfyUI frees it, so it is not counted
         monkeypatch.setattr(comfy.mm, "total_memory", total)
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: cached)
+        free = total - others - CUDA_CONTEXT_BYTES - cached
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, total))
         return loaders.auto_swap(path, "distill", "auto", torch.device("cuda"))
 
     assert chosen(need + reserve) == 0
     # One byte short: two swapped layers are always in flight, so the first saving needs three swapped.
     assert chosen(need + reserve - 1) == 3
+    assert chosen(need + reserve, others=1) == 3  # e.g. the display: one byte held by another program
+    assert chosen(need + reserve + 2**30, others=2**30) == 0
     assert chosen(need + reserve - min(layers[1:3]) - 1) == len(layers)  # nothing else fits: every layer
     assert chosen(reserve) == len(layers)
 
 
 def test_text_encoder_auto_precision_follows_the_card_size(comfy, monkeypatch):
     from magihuman.pipeline.codecs.text_encoder import encoder_bytes
+    from magihuman.pipeline.dit.device_memory import CUDA_CONTEXT_BYTES
 
     folder = comfy.models / "text_encoders" / "t5gemma-9b-9b-ul2"
     bf16, fp8 = encoder_bytes(folder, fp8=False), encoder_bytes(folder, fp8=True)
     reserve = comfy.mm.minimum_inference_memory()
     monkeypatch.setattr(comfy.mm, "get_torch_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
     chosen = {}
-    for name, total in (("roomy", bf16 + reserve), ("tight", bf16 + reserve - 1), ("tiny", fp8 - 1)):
+    cards = {
+        "roomy": (bf16 + reserve, 0),
+        "tight": (bf16 + reserve - 1, 0),
+        "shared": (bf16 + reserve, 1),  # one byte held by another program
+        "tiny": (fp8 - 1, 0),
+    }
+    for name, (total, others) in cards.items():
         monkeypatch.setattr(comfy.mm, "total_memory", total)
+        free = total - others - CUDA_CONTEXT_BYTES
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free, total=total: (free, total))
         (loaded,) = run(
             comfy, "TextEncoderLoader", text_encoder="t5gemma-9b-9b-ul2/", weights="auto", device="gpu"
         )
         chosen[name] = (loaded.encoder.name.endswith(" fp8"), loaded.run_on_gpu)
-    assert chosen == {"roomy": (False, True), "tight": (True, True), "tiny": (False, False)}
+    assert chosen == {
+        "roomy": (False, True),
+        "tight": (True, True),
+        "shared": (True, True),
+        "tiny": (False, False),
+    }
     (on_cpu,) = run(
         comfy, "TextEncoderLoader", text_encoder="t5gemma-9b-9b-ul2/", weights="auto", device="cpu"
     )

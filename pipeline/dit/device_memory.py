@@ -4,6 +4,8 @@ the ComfyUI nodes and the command line, fitted to ``python cli.py bench memory``
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from .loading import weight_bytes
 
 # Peak activations of one full-size DiT forward, base + per token, an upper line through `python cli.py bench
@@ -16,6 +18,18 @@ BYTES_PER_TOKEN = 85_000
 CUDA_CONTEXT_BYTES = int(0.75 * 2**30)
 # What the command line keeps free on the card besides that: ComfyUI's default reserve (0.8 GiB + 0.4 GiB).
 INFERENCE_RESERVE_BYTES = int(0.8 * 2**30) + 400 * 2**20
+
+
+def held_by_others(device: torch.device | str) -> int:
+    """Bytes of a CUDA device in use outside this process's allocator and its CUDA context (the display, a
+    browser, another program), now: the "auto" choices count the card as that much smaller. This process's
+    own cached memory is not counted: ComfyUI frees it (unloading models) when a run needs room. 0 on other
+    devices (no such query)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, total - free - torch.cuda.memory_reserved(device) - CUDA_CONTEXT_BYTES)
 
 
 def dit_tokens(latent_frames: int, latent_height: int, latent_width: int) -> int:
