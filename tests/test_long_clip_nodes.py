@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from mp4_checks import assert_same_clip, record_pictures
 from test_nodes import node, run, stack  # noqa: F401  (stack is a fixture)
 
 pytest_plugins = ["comfy_fixtures"]
@@ -114,6 +115,7 @@ def test_decode_to_file_writes_the_same_mp4_as_decoded_frames(comfy, stack, tmp_
 
     monkeypatch.setattr(comfy.folder_paths, "temp_directory", str(tmp_path / "temp"))
     latent, _, _ = long_sample(comfy, stack)
+    pictures = record_pictures(monkeypatch)
     video, audio = run(comfy, "DecodeToFile", latent=latent, vae=stack["vae"], audio_vae=stack["audio_vae"],
                        decoder="turbo")  # fmt: skip
     path = video.get_stream_source()
@@ -121,8 +123,11 @@ def test_decode_to_file_writes_the_same_mp4_as_decoded_frames(comfy, stack, tmp_
     frames, sound, _ = run(comfy, "Decode", latent=latent, vae=stack["vae"], audio_vae=stack["audio_vae"],
                            decoder="turbo", offload_frames=False, tile=0)  # fmt: skip
     assert torch.equal(audio["waveform"], sound["waveform"])  # the driving audio, cut to the 73 frames
+    streamed_pictures = pictures[:]
+    pictures.clear()
     whole = write_mp4(tmp_path / "whole.mp4", frames, sound)
-    assert open(path, "rb").read() == whole.read_bytes()
+    assert len(pictures) == 73
+    assert_same_clip(streamed_pictures, path, pictures, whole)
     with pytest.raises(ValueError, match="wan decoder was not loaded"):
         run(comfy, "DecodeToFile", latent=latent, vae=type(stack["vae"])(stack["vae"].turbo, None),
             audio_vae=stack["audio_vae"], decoder="wan")  # fmt: skip
