@@ -21,17 +21,26 @@ def record_pictures(monkeypatch) -> list[np.ndarray]:
     return pictures
 
 
-def contents(path) -> dict:
-    """What an mp4 holds apart from the H.264 bytes: the video's frame count, size, rate and duration, and
-    the decoded sound."""
+def streams(path) -> dict:
+    """The one video and one audio stream of an mp4: codecs, rate, frame count, size, channels, durations."""
     with av.open(str(path)) as container:
-        video = container.streams.video[0]
+        video, audio = container.streams.video, container.streams.audio
+        assert len(video) == 1 and len(audio) == 1
         frames = sum(1 for _ in container.decode(video=0))
-        summary = dict(frames=frames, size=(video.width, video.height), rate=video.average_rate,
-                       seconds=float(video.duration * video.time_base))  # fmt: skip
+        v, a = video[0], audio[0]
+        return dict(
+            codec=v.codec_context.name, fps=v.average_rate, frames=frames, size=(v.width, v.height),
+            audio_codec=a.codec_context.name,
+            rate=a.rate, channels=a.channels, video_seconds=float(v.duration * v.time_base),
+            audio_seconds=float(a.duration * a.time_base),
+        )  # fmt: skip
+
+
+def contents(path) -> dict:
+    """What an mp4 holds apart from the H.264 bytes: :func:`streams` and the decoded sound."""
     with av.open(str(path)) as container:
-        sound = [frame.to_ndarray() for frame in container.decode(audio=0)]
-    return summary | dict(sound=np.concatenate(sound, axis=1).tobytes() if sound else b"")
+        sound = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
+    return streams(path) | dict(sound=sound.tobytes())
 
 
 def assert_same_clip(pictures_a: list, path_a, pictures_b: list, path_b) -> None:

@@ -7,26 +7,13 @@ import subprocess
 import sys
 import wave
 
-import av
 import pytest
 import torch
 from conftest import ROOT, load_cli
 from magihuman.pipeline.demo import build_models
 from magihuman.pipeline.media.files import read_audio, write_wav
+from mp4_checks import streams
 from test_readme import readme_command
-
-
-def streams(path):
-    with av.open(str(path)) as container:
-        video, audio = container.streams.video, container.streams.audio
-        assert len(video) == 1 and len(audio) == 1
-        frames = sum(1 for _ in container.decode(video=0))
-        v, a = video[0], audio[0]
-        return dict(
-            codec=v.codec_context.name, fps=v.average_rate, frames=frames, audio_codec=a.codec_context.name,
-            rate=a.rate, channels=a.channels, video_seconds=float(v.duration * v.time_base),
-            audio_seconds=float(a.duration * a.time_base),
-        )  # fmt: skip
 
 
 def test_demo_command_writes_a_playable_clip(tmp_path):

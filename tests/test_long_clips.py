@@ -27,7 +27,7 @@ from magihuman.pipeline.sampling.stages import (
 )
 from magihuman.pipeline.sampling.super_resolution import SRSettings
 from magihuman.pipeline.sampling.windows import WindowSettings, plan_windows
-from mp4_checks import assert_same_clip, record_pictures
+from mp4_checks import assert_same_clip, record_pictures, streams
 
 WINDOW = WindowSettings(0.96, 1)  # 7 latent frames: a 2.88 s clip (19 latents) is exactly 3 windows
 SIZE = clip_size(2.88, 64, 64)
@@ -255,7 +255,6 @@ def test_progress_counts_windows_and_steps_and_cancel_stops_between_windows(stac
 
 
 def test_cli_generate_past_one_window_makes_one_lip_synced_clip(stack, tmp_path):
-    from test_cli import streams
 
     write_wav(tmp_path / "voice.wav", tone(2.92))  # 73 frames: the whole clip
     args = ["generate", "--models-dir", str(stack["models"]), "--prompt", "a woman says hello",
